@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/robustdet demo
+	$(VENV)/bin/robustdet train configs/default.yaml --out runs/demo --overwrite
+	$(VENV)/bin/robustdet report runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -1,0 +1,5 @@
+import sys
+
+from robustdet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,181 @@
+"""The ``robustdet`` command line: train, eval, predict, convert, report, compare, plot-losses.
+
+Known errors (bad config, bad dataset, bad checkpoint, missing file) end with one line naming the file,
+image or key, and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from robustdet.config import ConfigError, load_config
+
+EXIT_USAGE = 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from robustdet.engine.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if not args.resume and (out / "checkpoints" / "last.pt").exists() and not args.overwrite:
+        raise ConfigError(
+            f"{out}: already holds a run with checkpoints; use --resume to continue it, "
+            "--overwrite to start it again, or another --out"
+        )
+    metrics = Trainer(cfg, out, resume=args.resume).train()
+    if metrics is not None:
+        print(f"run directory: {out}  (metrics.json, log.jsonl, checkpoints/last.pt, tensorboard/)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from robustdet.data import build_dataset, build_eval_loader
+    from robustdet.engine.evaluator import evaluate, format_metrics
+    from robustdet.engine.inference import load_trained
+
+    loaded = load_trained(args.checkpoint, args.overrides)
+    cfg = loaded.cfg
+    dataset = build_dataset(cfg.data.val, cfg.data, train=False)
+    if dataset.classes != loaded.classes:
+        raise ConfigError(
+            f"{args.checkpoint}: the model's classes differ from data.val's "
+            f"({loaded.classes[:3]}... vs {dataset.classes[:3]}...)"
+        )
+    loader = build_eval_loader(dataset, cfg.eval.batch_size, cfg.data.num_workers)
+    metrics = evaluate(loaded.model, loader, dataset, loaded.device)
+    metrics["iter"] = loaded.iteration
+    print(format_metrics(metrics))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from robustdet.engine.inference import load_trained, predict
+
+    loaded = load_trained(args.checkpoint)
+    paths = [Path(p) for p in args.images]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such image file")
+    records = predict(loaded, paths, Path(args.out), score_thresh=args.score_thresh)
+    for r in records:
+        print(f"{r['image']}: {len(r['detections'])} detections -> {r['output']}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from robustdet.data import convert_to_coco
+
+    out = convert_to_coco(args.format, args.path, args.split, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from robustdet.report import make_report, metrics_markdown
+
+    files = make_report(args.run_dir)
+    metrics_path = Path(args.run_dir) / "metrics.json"
+    if metrics_path.exists():
+        print(metrics_markdown(json.loads(metrics_path.read_text())))
+    print("report files:")
+    for f in files:
+        print(f"  {f}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from robustdet.report import compare_runs
+
+    print(compare_runs(args.run_dirs))
+    return 0
+
+
+def _cmd_plot_losses(args: argparse.Namespace) -> int:
+    from robustdet.plots.loss_figures import plot_paper_figures
+
+    for path in plot_paper_figures(Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="robustdet",
+        description="Train object detectors with Bayesian losses and AVW/RLO multi-scale loss weighting.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a detector from a YAML config")
+    p.add_argument("config", help="YAML config, e.g. configs/default.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_iter=200")
+    p.add_argument("--out", help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start again in a run directory that has checkpoints")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="COCO-evaluate a checkpoint on its config's data.val")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.val.path=other.json")
+    p.add_argument("--out", help="write the metrics json here")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="draw a checkpoint's detections on images")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True, help="folder for the drawn images and predictions.json")
+    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("convert", help="convert a YOLO or Pascal VOC dataset split to COCO json")
+    p.add_argument("--format", required=True, choices=["yolo", "voc"])
+    p.add_argument("--path", required=True, help="YOLO data.yaml, or the VOC20xx folder")
+    p.add_argument("--split", required=True, help="YOLO data.yaml key or VOC ImageSets/Main list")
+    p.add_argument("--out", required=True, help="the COCO json to write")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("report", help="plots of losses, weights, RLO probabilities and σ; the metrics table")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="side-by-side metrics of several runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("plot-losses", help="the papers' Figures 1 and 2 (Bayesian smooth L1 and focal)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_plot_losses)
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from robustdet.data import DatasetError
+    from robustdet.engine.checkpoint import CheckpointError
+    from robustdet.engine.trainer import TrainingDiverged
+
+    return (ConfigError, DatasetError, CheckpointError, TrainingDiverged, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:
+        print(f"robustdet: interrupted ({exc})", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug or not isinstance(exc, _known_errors()):
+            raise
+        print(f"robustdet {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

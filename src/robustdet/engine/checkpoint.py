@@ -1,0 +1,129 @@
+"""Checkpoints that are never half-written, and that load without executing anything.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk (fsync), and renamed
+over ``last.pt`` only when complete; the previous ``last.pt`` is first renamed to ``prev.pt``. A run
+killed at any instant therefore leaves a complete ``last.pt`` or a complete ``prev.pt``, and
+``find_resumable`` takes the newest one that loads.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LAST = "last.pt"
+PREV = "prev.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], ckpt_dir: Path) -> Path:
+    """Write ``state`` as ``ckpt_dir/last.pt``, keeping the previous one as ``prev.pt``."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last = ckpt_dir / LAST
+    tmp = ckpt_dir / f".{LAST}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if last.exists():
+            os.replace(last, ckpt_dir / PREV)
+        os.replace(tmp, last)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(ckpt_dir)
+    return last
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load with ``weights_only=True``: tensors and plain containers only, nothing executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the checkpoint file is empty (a write was interrupted?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused: the checkpoint holds objects that weights_only loading does not allow "
+            f"(robustdet never executes code from a checkpoint): {str(exc).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a robustdet checkpoint (no 'model' entry)")
+    return state
+
+
+def find_resumable(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``ckpt_dir`` that loads; a corrupt ``last.pt`` falls back to ``prev.pt``.
+
+    Returns None when the folder has no checkpoint at all; raises when every candidate is unusable.
+    """
+    errors = []
+    for name in (LAST, PREV):
+        path = ckpt_dir / name
+        if not path.exists():
+            continue
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random stream of the process, in a form ``weights_only`` loading accepts."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

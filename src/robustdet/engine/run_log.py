@@ -1,0 +1,102 @@
+"""What a run writes as it goes: ``log.jsonl``, ``events.jsonl``, ``eval.jsonl``, ``metrics.json``, TensorBoard.
+
+On ``--resume`` the records past the checkpoint's iteration are dropped first, so a resumed run's logs
+read as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _truncate_jsonl(path: Path, keep_through_iter: int) -> None:
+    if not path.exists():
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by the kill: everything before it is whole
+            if int(rec.get("iter", 0)) <= keep_through_iter:
+                kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Rank 0 writes ``log.jsonl``; rank r > 0 writes ``log.rank{r}.jsonl`` (so ranks can be compared)."""
+
+    def __init__(self, out_dir: Path, rank: int = 0, resume_from: int | None = None, tensorboard: bool = True):
+        self.out_dir = out_dir
+        self.rank = rank
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.step_path = out_dir / ("log.jsonl" if rank == 0 else f"log.rank{rank}.jsonl")
+        self.event_path = out_dir / ("events.jsonl" if rank == 0 else f"events.rank{rank}.jsonl")
+        self.eval_path = out_dir / "eval.jsonl"
+        if resume_from is not None:
+            for p in (self.step_path, self.event_path) + ((self.eval_path,) if rank == 0 else ()):
+                _truncate_jsonl(p, resume_from)
+        else:
+            for p in (self.step_path, self.event_path) + ((self.eval_path,) if rank == 0 else ()):
+                if p.exists():
+                    p.unlink()
+        self._steps = open(self.step_path, "a")
+        self._tb = None
+        if tensorboard and rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=resume_from)
+
+    def step(self, rec: dict[str, Any]) -> None:
+        self._steps.write(json.dumps(rec) + "\n")
+        self._steps.flush()
+        if self._tb is None:
+            return
+        it = rec["iter"]
+        self._tb.add_scalar("train/loss", rec["loss"], it)
+        self._tb.add_scalar("train/lr", rec["lr"], it)
+        names = rec["level_names"]
+        for key in ("level_losses", "level_weights"):
+            self._tb.add_scalars(f"train/{key}", dict(zip(names, rec[key], strict=True)), it)
+        if "rlo_probabilities" in rec:
+            self._tb.add_scalars(
+                "train/rlo_probabilities", {f"a{k}": p for k, p in enumerate(rec["rlo_probabilities"])}, it
+            )
+        for key, value in rec.items():
+            if key.startswith("log_var_") and isinstance(value, float):
+                self._tb.add_scalar(f"train/{key}", value, it)
+
+    def event(self, rec: dict[str, Any]) -> None:
+        with open(self.event_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def metrics(self, it: int, metrics: dict[str, Any], final: bool = False) -> None:
+        if self.rank != 0:
+            return
+        with open(self.eval_path, "a") as f:
+            f.write(json.dumps({"iter": it, **metrics}) + "\n")
+        if self._tb is not None:
+            for k, v in metrics["bbox"].items():
+                self._tb.add_scalar(f"eval/{k}", v, it)
+        if final:
+            write_json_atomic(self.out_dir / "metrics.json", metrics)
+
+    def close(self) -> None:
+        self._steps.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,391 @@
+"""The training loop: iteration-based, resumable, one process or many under ``torchrun``.
+
+Each iteration: the detector returns its unweighted per-level losses L_i; the weighting combines them
+into L_total = Σ_i w_i · L_i (Luo Eq. 1) plus any loss outside the weighting (Faster R-CNN's RPN); the
+optimizer steps; then the weighting sees the detached L_i and returns the weights for the next
+iteration. Everything that decides what happens next (model, optimizer, scheduler, weighting state,
+every RNG, the iteration that fixes the data position) goes into each checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from robustdet.config import Config, WeightingConfig, config_from_dict, config_to_yaml
+from robustdet.data import DetectionDataset, build_dataset, build_eval_loader, build_train_loader
+from robustdet.engine import distributed as dist
+from robustdet.engine.checkpoint import find_resumable, rng_state, save_checkpoint, set_rng_state
+from robustdet.engine.evaluator import evaluate, format_metrics
+from robustdet.engine.run_log import RunLog
+from robustdet.engine.schedule import build_scheduler
+from robustdet.models import build_model
+from robustdet.weighting import WEIGHTINGS, LevelWeighting
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the message says where and what went bad."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_weighting(cfg: WeightingConfig, num_levels: int, seed: int) -> LevelWeighting:
+    """The one table of weightings, with each one's own arguments."""
+    cls = WEIGHTINGS[cfg.name]
+    if cfg.name == "equal":
+        return cls(num_levels)
+    kwargs: dict[str, Any] = {"interval": cfg.interval, "lambdas": tuple(cfg.lambdas), "eps": cfg.eps}
+    if cfg.name == "rlo":
+        kwargs.update(rl_step=cfg.rl_step, p_min=cfg.p_min, p_max=cfg.p_max, seed=seed)
+    return cls(num_levels, **kwargs)
+
+
+def level_names_of(model: nn.Module, cfg: Config) -> list[str]:
+    names = getattr(model, "level_names", None)
+    if names is None:
+        raise RuntimeError(f"model {cfg.model.name} does not declare its level_names")
+    return list(names)
+
+
+def build_optimizer(model: nn.Module, weighting: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Model weights with weight decay; log-variances and weighting parameters in groups without it."""
+    opt = cfg.train.optimizer
+    log_var_params = (
+        list(model.log_variances.parameters()) if getattr(model, "log_variances", None) is not None else []
+    )
+    special = {id(p) for p in log_var_params}
+    main = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+    groups: list[dict[str, Any]] = [{"params": main, "weight_decay": opt.weight_decay, "name": "model"}]
+    if log_var_params:
+        groups.append(
+            {"params": log_var_params, "weight_decay": 0.0, "lr": opt.log_var_lr or opt.lr, "name": "log_var"}
+        )
+    weighting_params = [p for p in weighting.parameters() if p.requires_grad]
+    if weighting_params:
+        groups.append({"params": weighting_params, "weight_decay": 0.0, "name": "weighting"})
+    if opt.name == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum)
+    return torch.optim.AdamW(groups, lr=opt.lr)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@dataclass
+class _Batch:
+    images: list[torch.Tensor]
+    targets: list[dict[str, Any]]
+    image_ids: list[int]
+
+
+class Trainer:
+    """Builds everything a run needs from a ``Config`` and trains it into ``out_dir``."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False, console: TextIO | None = None):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+        self.console = console if console is not None else sys.stdout
+        self._stop_signal: int | None = None
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.device = resolve_device(cfg.train.device)
+        self._owns_group = dist.init_from_env(self.device.type)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        seed_everything(cfg.seed)
+
+        self.train_set: DetectionDataset = build_dataset(cfg.data.train, cfg.data, train=True)
+        self.val_set: DetectionDataset = build_dataset(cfg.data.val, cfg.data, train=False)
+        if self.val_set.classes != self.train_set.classes:
+            raise ValueError(
+                "data.val has other classes than data.train: "
+                f"{self.val_set.classes[:5]}... vs {self.train_set.classes[:5]}..."
+            )
+
+        model = build_model(cfg, self.train_set.num_classes).to(self.device)
+        self.level_names = level_names_of(model, cfg)
+        self.weighting = build_weighting(cfg.weighting, len(self.level_names), cfg.seed).to(self.device)
+        self.optimizer = build_optimizer(model, self.weighting, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.schedule, cfg.train.max_iter)
+        self.model = model
+        self.start_iter = 0
+        self.nonfinite_total = 0
+
+        ckpt_dir = self.out_dir / "checkpoints"
+        if self.resume:
+            found = find_resumable(ckpt_dir)
+            if found is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+            path, state = found
+            self._restore(state)
+            self._say(f"resumed from {path} at iteration {self.start_iter}")
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.autocast_dtype = torch.bfloat16 if (cfg.train.amp and self.device.type == "cuda") else None
+
+        self.train_loader = build_train_loader(
+            self.train_set,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.seed,
+            start_iter=self.start_iter,
+            max_iter=cfg.train.max_iter,
+            rank=self.rank,
+            world_size=self.world,
+            num_workers=cfg.data.num_workers,
+        )
+        self.log = RunLog(
+            self.out_dir,
+            rank=self.rank,
+            resume_from=self.start_iter if self.resume else None,
+            tensorboard=cfg.log.tensorboard,
+        )
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        saved = config_from_dict(state["config"], "checkpoint config")
+        if saved.model != self.cfg.model or saved.loss != self.cfg.loss:
+            raise ValueError("--resume: the checkpoint's model/loss config differs from this run's config")
+        self.model.load_state_dict(state["model"])
+        self.weighting.load_state_dict(state["weighting"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_iter = int(state["iteration"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        rng = state["rng"]
+        set_rng_state(rng[self.rank] if isinstance(rng, list) else rng)
+
+    def _state(self, iteration: int) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": iteration,
+            "config": self.cfg.model_dump(mode="json"),
+            "classes": list(self.train_set.classes),
+            "category_ids": list(self.train_set.category_ids),
+            "level_names": list(self.level_names),
+            "model": _unwrap(self.model).state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "nonfinite_total": self.nonfinite_total,
+            # every rank's streams, so each rank resumes its own
+            "rng": dist.gather_objects(rng_state()),
+        }
+
+    def _save(self, iteration: int) -> None:
+        state = self._state(iteration)  # collective: every rank takes part
+        if dist.is_main():
+            save_checkpoint(state, self.out_dir / "checkpoints")
+        dist.barrier()
+
+    def _say(self, msg: str) -> None:
+        if dist.is_main():
+            print(msg, file=self.console, flush=True)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _to_device(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> _Batch:
+        dev = self.device
+        imgs = [img.to(dev, non_blocking=True).float().div_(255) for img in images]
+        tgts = [
+            {"boxes": t["boxes"].as_subclass(torch.Tensor).to(dev).float(), "labels": t["labels"].to(dev)}
+            for t in targets
+        ]
+        return _Batch(imgs, tgts, [int(t["image_id"]) for t in targets])
+
+    def _nonfinite_report(self, it: int, batch: _Batch, out: Any) -> str:
+        bad = [
+            f"{name}={v:.4g}"
+            for name, v in zip(self.level_names, out.level_losses.detach().float().tolist(), strict=True)
+            if not math.isfinite(v)
+        ]
+        for name, comp in out.components.items():
+            for lvl, v in zip(self.level_names, comp.float().tolist(), strict=True):
+                if not math.isfinite(v):
+                    bad.append(f"{name}[{lvl}]={v:.4g}")
+        lv = getattr(_unwrap(self.model), "log_variances", None)
+        if lv is not None:
+            bad += [f"log_var_{k}={v:.4g}" for k, v in lv.as_dict().items() if not math.isfinite(v)]
+        what = ", ".join(bad) or "gradient"
+        return f"iteration {it + 1}: non-finite {what} (images {batch.image_ids})"
+
+    def _handle_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+
+    def train(self) -> dict[str, Any] | None:
+        """Run to ``train.max_iter`` (or from the checkpoint on), evaluate, return the final metrics."""
+        cfg = self.cfg
+        self._setup()
+        if dist.is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._loop()
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self.log.close()
+            if self._owns_group:
+                torch.distributed.destroy_process_group()
+
+    def _loop(self) -> dict[str, Any] | None:
+        cfg = self.cfg
+        model = self.model
+        model.train()
+        max_iter = cfg.train.max_iter
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        clip = cfg.train.clip_grad_norm if cfg.train.clip_grad_norm is not None else math.inf
+        bad_in_row = 0
+        metrics: dict[str, Any] | None = None
+        pbar = None
+        if dist.is_main() and cfg.log.progress:
+            from tqdm import tqdm
+
+            pbar = tqdm(total=max_iter, initial=self.start_iter, desc="train", dynamic_ncols=True, file=sys.stderr)
+        t0 = time.perf_counter()
+        loader = iter(self.train_loader)
+        it = self.start_iter
+        for it in range(self.start_iter, max_iter):
+            images, targets = next(loader)
+            batch = self._to_device(images, targets)
+            with torch.autocast(
+                self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            ):
+                out = model(batch.images, batch.targets)
+            level_losses = out.level_losses.float()
+            total = self.weighting.combine(level_losses) + out.extra_loss.float()
+
+            # decided on all ranks together: one rank skipping backward alone would hang the others
+            ok = dist.all_reduce_max(torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=self.device))
+            grad_norm = math.nan
+            if ok.item() == 0.0:
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if not math.isfinite(grad_norm):
+                bad_in_row += 1
+                self.nonfinite_total += 1
+                msg = self._nonfinite_report(it, batch, out)
+                self.log.event({"iter": it + 1, "event": "nonfinite_step_skipped", "detail": msg})
+                self.optimizer.zero_grad(set_to_none=True)
+                if bad_in_row >= cfg.train.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"{msg}; {bad_in_row} non-finite steps in a row (train.max_nonfinite_steps="
+                        f"{cfg.train.max_nonfinite_steps}); the last good checkpoint is in "
+                        f"{self.out_dir / 'checkpoints'}"
+                    )
+                self.scheduler.step()
+                continue
+            bad_in_row = 0
+            self.optimizer.step()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            weights_used = self.weighting.weights.detach().cpu().tolist()
+            self.weighting.step(level_losses.detach())
+
+            done = it + 1
+            if done % cfg.log.period == 0 or done == max_iter:
+                self._log_step(done, lr, total, out, weights_used, grad_norm, time.perf_counter() - t0)
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{total.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+            if cfg.checkpoint.period and done % cfg.checkpoint.period == 0 and done < max_iter:
+                self._save(done)
+            if cfg.eval.period and done % cfg.eval.period == 0 and done < max_iter:
+                self._evaluate(done)
+            if self._stop_signal is not None:
+                self._save(done)
+                name = signal.Signals(self._stop_signal).name
+                self._say(f"{name}: saved a checkpoint at iteration {done}; resume with --resume")
+                if pbar is not None:
+                    pbar.close()
+                raise KeyboardInterrupt(name)
+        if pbar is not None:
+            pbar.close()
+        self._save(max_iter)
+        metrics = self._evaluate(max_iter, final=True)
+        return metrics
+
+    def _log_step(
+        self, done: int, lr: float, total: torch.Tensor, out: Any, weights: list[float], gnorm: float, secs: float
+    ) -> None:
+        rec: dict[str, Any] = {
+            "iter": done,
+            "lr": lr,
+            "loss": float(total.detach()),
+            "level_names": self.level_names,
+            "level_losses": out.level_losses.detach().float().cpu().tolist(),
+            "level_weights": weights,
+            "grad_norm": gnorm,
+            "time": round(secs, 3),
+        }
+        for name, comp in out.components.items():
+            rec[f"level_{name}"] = comp.detach().float().cpu().tolist()
+        for name, comp in out.extra_components.items():
+            rec[name] = comp.detach().float().cpu().tolist()
+        fields = self.weighting.log_fields()
+        if "rlo_probabilities" in fields:
+            rec["rlo_probabilities"] = fields["rlo_probabilities"]
+            rec["rlo_action"] = fields["rlo_action"]
+        lv = getattr(_unwrap(self.model), "log_variances", None)
+        if lv is not None:
+            for k, v in lv.as_dict().items():
+                rec[f"log_var_{k}"] = v
+            out_of_range = lv.out_of_range()
+            if out_of_range:
+                rec["log_var_out_of_range"] = out_of_range
+        self.log.step(rec)
+
+    def _evaluate(self, done: int, final: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        loader = build_eval_loader(
+            self.val_set, cfg.eval.batch_size, cfg.data.num_workers, rank=self.rank, world_size=self.world,
+            max_images=cfg.eval.max_images,
+        )
+        metrics = evaluate(_unwrap(self.model), loader, self.val_set, self.device, self.autocast_dtype)
+        metrics["iter"] = done
+        self.log.metrics(done, metrics, final=final)
+        self._say(f"[iter {done}] COCO bbox metrics (%):\n{format_metrics(metrics)}")
+        return metrics
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, Any] | None:
+    return Trainer(cfg, out_dir, resume=resume).train()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+

@@ -1,0 +1,40 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+COCO128 = REPO.parent / "shared" / "data" / "coco128"
+
+# Tests run two at a time (pytest -n 2) on 2 cores: one thread each keeps them from fighting.
+torch.set_num_threads(1)
+
+
+def tiny_overrides(tmp_path: Path, extra: dict[str, object] | None = None) -> list[str]:
+    """A RetinaNet small enough to train a few iterations in seconds on synthetic 64 px images."""
+    base = {
+        "model.backbone": "resnet18",
+        "model.fpn_channels": 16,
+        "model.head_norm": "group_norm",
+        "model.group_norm_groups": 4,
+        "model.min_size": 64,
+        "model.max_size": 64,
+        "model.anchor_sizes": "[8, 16, 32, 64, 128]",
+        "data.synthetic.image_size": 64,
+        "data.synthetic.num_train": 24,
+        "data.synthetic.num_val": 6,
+        "data.synthetic.cache_dir": str(tmp_path / "cache"),
+        "data.num_workers": 0,
+        "train.max_iter": 4,
+        "train.batch_size": 2,
+        "train.num_threads": 1,
+        "train.optimizer.name": "adamw",
+        "train.optimizer.lr": 0.0005,
+        "train.schedule.warmup_iters": 1,
+        "eval.batch_size": 3,
+        "log.period": 1,
+        "log.progress": False,
+        "checkpoint.period": 2,
+    }
+    base.update(extra or {})
+    return [f"{k}={v}" for k, v in base.items()]

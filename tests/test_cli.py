@@ -1,0 +1,106 @@
+"""The CLI end to end on tiny synthetic data: train, resume, eval, predict, report, compare, errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from robustdet.cli import main
+from tests.conftest import REPO, tiny_overrides
+
+CONFIG = str(REPO / "configs" / "default.yaml")
+
+
+def _train(tmp_path, out, extra=None, *flags):
+    argv = ["train", CONFIG, *tiny_overrides(tmp_path, extra), "--out", str(out), *flags]
+    assert main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    run = tmp / "run"
+    _train(tmp, run, {"train.max_iter": 6, "checkpoint.period": 3, "weighting.interval": 2})
+    return tmp, run
+
+
+def test_train_writes_a_complete_run_directory(trained_run):
+    _, run = trained_run
+    for name in ("config.yaml", "log.jsonl", "metrics.json", "checkpoints/last.pt", "checkpoints/prev.pt"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [1, 2, 3, 4, 5, 6]
+    last = records[-1]
+    for key in ("iter", "lr", "loss", "level_losses", "level_weights", "rlo_probabilities", "rlo_action",
+                "log_var_cls", "log_var_reg"):
+        assert key in last, key
+    assert len(last["level_losses"]) == len(last["level_weights"]) == 5
+    assert sum(last["rlo_probabilities"]) == pytest.approx(1.0)
+    # RLO with interval 2: the first window closes after iteration 2, so an action is in force by then
+    assert records[0]["rlo_action"] is None and last["rlo_action"] in (0, 1, 2, 3)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
+                                    "ARs", "ARm", "ARl"}
+    assert len(metrics["per_class"]) == 5
+
+
+def test_resume_from_previous_checkpoint_is_bitwise_exact(trained_run):
+    tmp, run = trained_run
+    resumed = tmp / "resumed"
+    shutil.copytree(run, resumed)
+    (resumed / "checkpoints" / "last.pt").unlink()  # as if killed after the checkpoint at iteration 3
+    _train(tmp, resumed, {"train.max_iter": 6, "checkpoint.period": 3, "weighting.interval": 2}, "--resume")
+    a = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["weighting"].keys() == b["weighting"].keys()
+    for k, v in a["weighting"].items():
+        assert (torch.equal(v, b["weighting"][k]) if isinstance(v, torch.Tensor) else v == b["weighting"][k]), k
+    log_a = (run / "log.jsonl").read_text().splitlines()
+    log_b = (resumed / "log.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(x).items() if k != "time"} for x in log_a]
+    assert strip == [{k: v for k, v in json.loads(x).items() if k != "time"} for x in log_b]
+
+
+def test_eval_predict_report_compare(trained_run, tmp_path, capsys):
+    tmp, run = trained_run
+    ckpt = str(run / "checkpoints" / "last.pt")
+    out_json = tmp_path / "m.json"
+    assert main(["eval", ckpt, "--out", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["bbox"] == json.loads((run / "metrics.json").read_text())["bbox"]
+    images = sorted((tmp / "cache").rglob("val/*.png"))[:2]
+    assert len(images) == 2
+    assert main(["predict", ckpt, *map(str, images), "--out", str(tmp_path / "pred"), "--score-thresh", "0"]) == 0
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 2
+    preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert all(d["label"] for p in preds for d in p["detections"])
+    assert main(["report", str(run)]) == 0
+    for name in ("loss.png", "level_losses.png", "level_weights.png", "rlo_probabilities.png", "sigma.png",
+                 "metrics.md"):
+        assert (run / "report" / name).stat().st_size > 0, name
+    capsys.readouterr()
+    assert main(["compare", str(run), str(run)]) == 0
+    table = capsys.readouterr().out
+    assert "AP50" in table and "σ_cls" in table
+
+
+def test_existing_run_is_not_overwritten(trained_run, capsys):
+    tmp, run = trained_run
+    code = main(["train", CONFIG, *tiny_overrides(tmp), "--out", str(run)])
+    assert code == 2
+    assert "use --resume" in capsys.readouterr().err
+
+
+def test_bad_override_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "robustdet", "train", CONFIG, "weighting.intervall=3", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "weighting.intervall: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr

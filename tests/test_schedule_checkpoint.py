@@ -1,0 +1,86 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from robustdet.config import ScheduleConfig
+from robustdet.engine.checkpoint import (
+    CheckpointError,
+    find_resumable,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from robustdet.engine.schedule import lr_factor
+
+
+def test_step_schedule_with_warmup():
+    cfg = ScheduleConfig(name="step", warmup_iters=10, warmup_factor=0.1, steps=[50, 80], gamma=0.1)
+    assert lr_factor(0, cfg, 100) == pytest.approx(0.1)
+    assert lr_factor(5, cfg, 100) == pytest.approx(0.1 * 0.5 + 0.5)  # linear from 0.1 to 1
+    assert lr_factor(10, cfg, 100) == pytest.approx(1.0)
+    assert lr_factor(49, cfg, 100) == pytest.approx(1.0)
+    assert lr_factor(50, cfg, 100) == pytest.approx(0.1)
+    assert lr_factor(80, cfg, 100) == pytest.approx(0.01)
+
+
+def test_cosine_schedule_ends_at_min():
+    cfg = ScheduleConfig(name="cosine", warmup_iters=0, min_lr_factor=0.05)
+    assert lr_factor(0, cfg, 101) == pytest.approx(1.0)
+    assert lr_factor(50, cfg, 101) == pytest.approx(0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * 50 / 101)))
+    assert lr_factor(101, cfg, 101) == pytest.approx(0.05)
+
+
+def _state(i: int) -> dict:
+    return {"model": {"w": torch.full((3,), float(i))}, "iteration": i}
+
+
+def test_save_keeps_previous_and_falls_back_on_corruption(tmp_path):
+    save_checkpoint(_state(1), tmp_path)
+    save_checkpoint(_state(2), tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 2
+    assert load_checkpoint(tmp_path / "prev.pt")["iteration"] == 1
+    # truncate last.pt as a kill mid-copy would
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="last.pt: corrupt or truncated"):
+        load_checkpoint(tmp_path / "last.pt")
+    path, state = find_resumable(tmp_path)
+    assert path.name == "prev.pt" and state["iteration"] == 1
+    assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_empty_and_missing_checkpoints(tmp_path):
+    assert find_resumable(tmp_path) is None
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="last.pt: the checkpoint file is empty"):
+        find_resumable(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_checkpoint_needing_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="evil.pt: refused"):
+        load_checkpoint(path)
+
+
+def test_rng_state_round_trip_through_weights_only(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    save_checkpoint({"model": {}, "rng": rng_state()}, tmp_path)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    set_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
