@@ -1,0 +1,29 @@
+"""Losses of (Bayesian) RetinaNet: focal and smooth L1 (Eq. 6-7) and their Bayesian forms (Eq. 14, 16).
+
+Every function takes ``reduction="none" | "sum" | "mean"``; the Bayesian ones take ``log_var`` = s = log σ²
+as a float or a 0-dim tensor (gradients flow to it). See docs/losses.md for the formulas and names.
+"""
+
+from robustdet.losses._reduction import finite_checks_enabled, set_finite_checks
+from robustdet.losses.focal import (
+    bayesian_binary_cross_entropy,
+    bayesian_cross_entropy,
+    bayesian_focal_loss,
+    sigmoid_focal_loss,
+)
+from robustdet.losses.log_variance import DEFAULT_LOG_VAR_INIT, LogVariances
+from robustdet.losses.smooth_l1 import bayesian_smooth_l1_loss, log_tau, smooth_l1_loss
+
+__all__ = [
+    "DEFAULT_LOG_VAR_INIT",
+    "LogVariances",
+    "bayesian_binary_cross_entropy",
+    "bayesian_cross_entropy",
+    "bayesian_focal_loss",
+    "bayesian_smooth_l1_loss",
+    "finite_checks_enabled",
+    "log_tau",
+    "set_finite_checks",
+    "sigmoid_focal_loss",
+    "smooth_l1_loss",
+]
