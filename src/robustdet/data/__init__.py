@@ -1,0 +1,39 @@
+"""Datasets (COCO, YOLO, VOC, synthetic) as one COCO-backed ``DetectionDataset``, and exact loaders."""
+
+from robustdet.data.coco import DatasetError, coco_api, load_coco, validate_coco, write_json_atomic
+from robustdet.data.dataset import LOADERS, DetectionDataset, build_dataset, convert_to_coco, read_image
+from robustdet.data.loader import (
+    InfiniteBatchSampler,
+    build_eval_loader,
+    build_train_loader,
+    collate,
+    eval_shard,
+    sample_seed,
+)
+from robustdet.data.synthetic import ensure_synthetic, load_synthetic
+from robustdet.data.voc import VOC_CLASSES, load_voc
+from robustdet.data.yolo import load_yolo
+
+__all__ = [
+    "LOADERS",
+    "VOC_CLASSES",
+    "DatasetError",
+    "DetectionDataset",
+    "InfiniteBatchSampler",
+    "build_dataset",
+    "build_eval_loader",
+    "build_train_loader",
+    "coco_api",
+    "collate",
+    "convert_to_coco",
+    "ensure_synthetic",
+    "eval_shard",
+    "load_coco",
+    "load_synthetic",
+    "load_voc",
+    "load_yolo",
+    "read_image",
+    "sample_seed",
+    "validate_coco",
+    "write_json_atomic",
+]

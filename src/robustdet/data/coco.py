@@ -1,0 +1,269 @@
+"""The COCO-format dict every dataset is turned into: validation, loading, writing.
+
+Each loader (COCO, YOLO, VOC, synthetic) produces a plain COCO dict (``images``, ``annotations``,
+``categories``) plus the folder its ``file_name``s are relative to, and ``validate_coco`` checks it
+once, at load time, so that a bad dataset stops the run before the first iteration with a message
+naming the file and the entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from pycocotools.coco import COCO
+
+# Problems listed in one DatasetError before the rest are only counted: enough to fix a batch of
+# them at once, few enough to stay readable.
+MAX_LISTED_ERRORS = 20
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file and the entry (key, line, image)."""
+
+
+class ErrorList:
+    """Collects independent per-entry problems so that one run reports many of them."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    def raise_if_any(self) -> None:
+        if not self.messages:
+            return
+        shown = self.messages[:MAX_LISTED_ERRORS]
+        more = len(self.messages) - len(shown)
+        text = "\n".join(shown) + (f"\n(and {more} more problems)" if more else "")
+        raise DatasetError(text)
+
+
+def is_number(value: Any) -> bool:
+    # bool is an int subclass, and `true` as a coordinate is a data error, not 1
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_image_file(root: Path, root_real: Path, file_name: Any, where: str) -> str | None:
+    """Why ``file_name`` cannot be used as an image under ``root``, or None when it can.
+
+    Refuses names that leave the root (absolute, ``..``, or a symlink pointing out of it), so a
+    dataset file can never make the loader read elsewhere on the machine; then a cheap stat for
+    existence and non-zero size (decoding every image up front would cost as much as an epoch).
+    """
+    if not isinstance(file_name, str) or not file_name:
+        return f"{where}: 'file_name' must be a non-empty string, got {file_name!r}"
+    posix = PurePosixPath(file_name)
+    if posix.is_absolute() or PureWindowsPath(file_name).is_absolute() or file_name.startswith("\\"):
+        return f"{where}: file_name {file_name!r} is an absolute path; it must be relative to {root}"
+    if ".." in posix.parts or ".." in PureWindowsPath(file_name).parts:
+        return f"{where}: file_name {file_name!r} escapes the image root {root} ('..')"
+    full = root / file_name
+    real = full.resolve()
+    if not real.is_relative_to(root_real):
+        return f"{where}: file_name {file_name!r} resolves to {real}, outside the image root {root} (symlink)"
+    try:
+        st = real.stat()
+    except OSError:
+        return f"{where}: image file not found: {full}"
+    if not os.path.isfile(real):
+        return f"{where}: {full} is not a file"
+    if st.st_size == 0:
+        return f"{where}: image file is empty (0 bytes): {full}"
+    return None
+
+
+def check_image_root(image_root: Path, source: str) -> Path:
+    if not image_root.is_dir():
+        raise DatasetError(f"{source}: image root {image_root} is not a folder")
+    return image_root.resolve()
+
+
+def _require_list(data: dict[str, Any], key: str, source: str) -> list[Any]:
+    if key not in data:
+        raise DatasetError(
+            f"{source}: missing top-level key {key!r} (a COCO json has images, annotations, categories)"
+        )
+    value = data[key]
+    if not isinstance(value, list):
+        raise DatasetError(f"{source}: {key!r} must be a list, got {type(value).__name__}")
+    return value
+
+
+def validate_coco(data: Any, source: str, image_root: Path, check_files: bool = True) -> dict[str, Any]:
+    """Check a COCO detection dict and return a normalized copy (the input is not modified).
+
+    Normalization: ``iscrowd`` defaults to 0 (and true/false become 1/0), a missing ``area`` becomes the
+    box area (COCOeval needs it for its small/medium/large ranges), and ``bbox`` values become floats.
+    Everything else, e.g. segmentation, is kept as it is.
+    """
+    if not isinstance(data, dict):
+        raise DatasetError(f"{source}: the top level must be a JSON object, got {type(data).__name__}")
+    images_in = _require_list(data, "images", source)
+    anns_in = _require_list(data, "annotations", source)
+    cats_in = _require_list(data, "categories", source)
+    errors = ErrorList()
+    root_real = check_image_root(image_root, source) if check_files else image_root
+
+    categories: list[dict[str, Any]] = []
+    cat_ids: set[int] = set()
+    for i, cat in enumerate(cats_in):
+        where = f"{source}: categories[{i}]"
+        if not isinstance(cat, dict):
+            errors.add(f"{where}: must be an object")
+            continue
+        cid, name = cat.get("id"), cat.get("name")
+        if not is_int(cid):
+            errors.add(f"{where}: 'id' must be an integer, got {cid!r}")
+            continue
+        if not isinstance(name, str) or not name:
+            errors.add(f"{where} (id {cid}): 'name' must be a non-empty string, got {name!r}")
+        if cid in cat_ids:
+            errors.add(f"{where}: duplicate category id {cid}")
+        cat_ids.add(cid)
+        categories.append(dict(cat))
+    if not cats_in:
+        errors.add(f"{source}: 'categories' is empty; a detection dataset needs at least one class")
+
+    images: list[dict[str, Any]] = []
+    image_ids: set[int] = set()
+    for i, img in enumerate(images_in):
+        where = f"{source}: images[{i}]"
+        if not isinstance(img, dict):
+            errors.add(f"{where}: must be an object")
+            continue
+        iid = img.get("id")
+        if not is_int(iid):
+            errors.add(f"{where}: 'id' must be an integer, got {iid!r}")
+            continue
+        where = f"{where} (id {iid}, {img.get('file_name')!r})"
+        if iid in image_ids:
+            errors.add(f"{where}: duplicate image id {iid}")
+        image_ids.add(iid)
+        for key in ("width", "height"):
+            v = img.get(key)
+            if not is_number(v) or not math.isfinite(v) or v <= 0 or v != int(v):
+                errors.add(f"{where}: {key!r} must be a positive integer, got {v!r}")
+        if check_files:
+            problem = check_image_file(image_root, root_real, img.get("file_name"), where)
+            if problem:
+                errors.add(problem)
+        elif not isinstance(img.get("file_name"), str):
+            errors.add(f"{where}: 'file_name' must be a string")
+        images.append(dict(img))
+
+    annotations: list[dict[str, Any]] = []
+    ann_ids: set[int] = set()
+    for i, ann in enumerate(anns_in):
+        where = f"{source}: annotations[{i}]"
+        if not isinstance(ann, dict):
+            errors.add(f"{where}: must be an object")
+            continue
+        aid = ann.get("id")
+        if not is_int(aid):
+            errors.add(f"{where}: 'id' must be an integer, got {aid!r}")
+            continue
+        where = f"{where} (id {aid})"
+        if aid in ann_ids:
+            errors.add(f"{where}: duplicate annotation id {aid}")
+        ann_ids.add(aid)
+        out = dict(ann)
+        iid, cid = ann.get("image_id"), ann.get("category_id")
+        if iid not in image_ids or not is_int(iid):
+            errors.add(f"{where}: image_id {iid!r} is not in 'images'")
+        if cid not in cat_ids or not is_int(cid):
+            errors.add(f"{where}: category_id {cid!r} is not in 'categories'")
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1):  # also admits True/False
+            errors.add(f"{where}: 'iscrowd' must be 0 or 1, got {crowd!r}")
+        out["iscrowd"] = int(crowd) if crowd in (0, 1) else 0
+        box = ann.get("bbox")
+        if not isinstance(box, list | tuple) or len(box) != 4 or not all(is_number(v) for v in box):
+            errors.add(f"{where}: 'bbox' must be [x, y, width, height] numbers, got {box!r}")
+            continue
+        x, y, w, h = (float(v) for v in box)
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            errors.add(f"{where}: box has non-finite coordinates {box}")
+            continue
+        if w <= 0:
+            errors.add(f"{where}: box has non-positive width {w:g}")
+        if h <= 0:
+            errors.add(f"{where}: box has non-positive height {h:g}")
+        out["bbox"] = [x, y, w, h]
+        area = ann.get("area")
+        if area is None:
+            out["area"] = w * h
+        elif not is_number(area) or not math.isfinite(area) or area < 0:
+            errors.add(f"{where}: 'area' must be a finite number >= 0, got {area!r}")
+        annotations.append(out)
+
+    errors.raise_if_any()
+    result = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories")}
+    result.update(images=images, annotations=annotations, categories=categories)
+    return result
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+
+
+def load_coco(json_path: str | Path, image_root: str | Path) -> tuple[dict[str, Any], Path]:
+    """Read and validate a COCO detection json whose ``file_name``s are relative to ``image_root``."""
+    json_path = Path(json_path)
+    image_root = Path(image_root)
+    data = validate_coco(read_json(json_path), str(json_path), image_root)
+    return data, image_root
+
+
+def coco_api(data: dict[str, Any]) -> COCO:
+    """A ``pycocotools.coco.COCO`` over an in-memory dict, without its progress prints."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def write_json_atomic(data: Any, out_path: str | Path) -> Path:
+    """Write JSON so that ``out_path`` is either the old file or the complete new one, never half."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    try:
+        # mkstemp creates the file 0600; a dataset json is meant to be shared like any other output
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return out_path
+
+
+def categories_from_names(names: Iterable[str]) -> list[dict[str, Any]]:
+    """COCO categories with ids 1..C, so that sorted id order is the order of ``names``."""
+    return [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(names)]

@@ -1,0 +1,282 @@
+"""``DetectionDataset``: one class over the COCO dict that every format is turned into."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from robustdet.config import AugmentConfig, DataConfig, DatasetSource
+from robustdet.data.coco import DatasetError, coco_api, load_coco, validate_coco, write_json_atomic
+from robustdet.data.synthetic import load_synthetic
+from robustdet.data.voc import load_voc
+from robustdet.data.yolo import load_yolo
+
+Target = dict[str, Any]
+Key = int | tuple[int, int]
+
+# Boxes may stick out of the image by this much (float rounding in exported labels, e.g. x + w =
+# 640.0001) before out_of_image="error" calls them wrong; they are clipped either way.
+OUT_OF_IMAGE_TOLERANCE = 0.5  # px
+
+
+class ScaleJitter(v2.Transform):
+    """Zoom by a log-uniform factor in ``scale_range``, then crop or zero-pad back to the input size.
+
+    Unlike ``v2.ScaleJitter`` (a resize only, which the detector's own resize would undo), this
+    changes the object sizes relative to the canvas: < 1 zooms out (the image lands at a random place
+    on a black canvas), > 1 zooms in (a random crop). The output keeps the input size.
+    """
+
+    def __init__(self, scale_range: tuple[float, float]) -> None:
+        super().__init__()
+        self.log_range = (math.log(scale_range[0]), math.log(scale_range[1]))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        lo, hi = self.log_range
+        scale = math.exp(lo + (hi - lo) * float(torch.rand(())))
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        # the crop window's corner in the resized image: negative values pad (zoom-out)
+        top = int(torch.randint(min(0, new_h - height), max(0, new_h - height) + 1, ()))
+        left = int(torch.randint(min(0, new_w - width), max(0, new_w - width) + 1, ()))
+        return {"size": [new_h, new_w], "top": top, "left": left, "height": height, "width": width}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        resized = self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
+        # crop pads images with zeros and clamps boxes where the window leaves the resized image
+        return self._call_kernel(
+            F.crop,
+            resized,
+            top=params["top"],
+            left=params["left"],
+            height=params["height"],
+            width=params["width"],
+        )
+
+
+def build_transform(augment: AugmentConfig) -> v2.Transform:
+    steps: list[Callable[..., Any]] = []
+    if augment.hflip:
+        steps.append(v2.RandomHorizontalFlip(0.5))
+    if augment.photometric:
+        steps.append(v2.RandomPhotometricDistort(p=0.5))
+    if augment.scale_range is not None:
+        lo, hi = augment.scale_range
+        if not 0 < lo <= hi:
+            raise DatasetError(
+                f"data.augment.scale_range must be (low, high) with 0 < low <= high, got {lo, hi}"
+            )
+        steps.append(ScaleJitter((lo, hi)))
+    # drops boxes that a crop cut away or squeezed below a pixel, with their labels
+    steps.append(v2.SanitizeBoundingBoxes(min_size=1.0))
+    return v2.Compose(steps)
+
+
+def _decode_with_pil(path: str) -> torch.Tensor:
+    with Image.open(path) as im:
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
+        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
+
+
+def read_image(path: str) -> torch.Tensor:
+    """uint8 [3, H, W] RGB, EXIF orientation applied; DatasetError naming the file when undecodable."""
+    try:
+        image = decode_image(path, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except (RuntimeError, ValueError) as first:
+        # torchvision.io decodes JPEG/PNG/WEBP/GIF; BMP and TIFF, which YOLO datasets allow, need PIL
+        try:
+            image = _decode_with_pil(path)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise DatasetError(f"{path}: cannot decode the image ({first})") from None
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
+    """Images and boxes of a COCO-format dict; see docs/data.md.
+
+    Labels are contiguous 0..C-1 in order of sorted category id; ``category_ids[label]`` maps back.
+    Crowd (and VOC difficult) boxes are kept in ``coco`` for evaluation but never in the targets.
+    ``out_of_image`` is applied at construction, to the targets and to ``coco`` alike, so training and
+    evaluation see the same boxes; with ``empty_images="skip"`` a training dataset leaves out images
+    without a non-crowd box (``coco`` still lists them).
+    """
+
+    def __init__(
+        self,
+        coco_dict: dict[str, Any],
+        image_root: str | Path,
+        *,
+        train: bool = False,
+        augment: AugmentConfig | None = None,
+        empty_images: Literal["keep", "skip"] = "keep",
+        out_of_image: Literal["clip", "error"] = "clip",
+        source: str = "dataset",
+        validate: bool = True,
+    ) -> None:
+        self.image_root = Path(image_root)
+        self.train = train
+        self.source = source
+        data = validate_coco(coco_dict, source, self.image_root) if validate else coco_dict
+        data = self._apply_out_of_image(data, out_of_image)
+
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.category_ids: list[int] = [c["id"] for c in categories]
+        self.classes: list[str] = [c["name"] for c in categories]
+        label_of = {cid: label for label, cid in enumerate(self.category_ids)}
+
+        per_image: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in data["images"]}
+        for ann in data["annotations"]:
+            if not ann["iscrowd"]:
+                per_image[ann["image_id"]].append(ann)
+
+        # flat arrays instead of a list of per-image tensors: cheap to fork into workers and to pickle
+        root = str(self.image_root)
+        self.image_ids: list[int] = []
+        self._files: list[str] = []
+        self._sizes: list[tuple[int, int]] = []
+        offsets, boxes, labels = [0], [], []
+        for img in data["images"]:
+            anns = per_image[img["id"]]
+            if train and empty_images == "skip" and not anns:
+                continue
+            self.image_ids.append(img["id"])
+            self._files.append(f"{root}/{img['file_name']}")
+            self._sizes.append((int(img["height"]), int(img["width"])))
+            for ann in anns:
+                x, y, w, h = ann["bbox"]
+                boxes.append((x, y, x + w, y + h))
+                labels.append(label_of[ann["category_id"]])
+            offsets.append(len(boxes))
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        self._labels = np.asarray(labels, dtype=np.int64)
+        self.coco = coco_api(data)
+        self.transform = build_transform(augment or AugmentConfig()) if train else None
+
+    def _apply_out_of_image(self, data: dict[str, Any], policy: str) -> dict[str, Any]:
+        sizes = {img["id"]: (img["width"], img["height"]) for img in data["images"]}
+        names = {img["id"]: img["file_name"] for img in data["images"]}
+        annotations = []
+        for i, ann in enumerate(data["annotations"]):
+            width, height = sizes[ann["image_id"]]
+            x, y, w, h = ann["bbox"]
+            x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+            if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+                where = (
+                    f"{self.source}: annotations[{i}] (id {ann['id']}, image {names[ann['image_id']]!r} "
+                    f"{width}x{height})"
+                )
+                if x2 <= x1 or y2 <= y1:
+                    raise DatasetError(f"{where}: box [x, y, w, h] = {ann['bbox']} lies outside the image")
+                beyond = max(-x, -y, x + w - width, y + h - height)
+                if policy == "error" and beyond > OUT_OF_IMAGE_TOLERANCE:
+                    raise DatasetError(
+                        f"{where}: box [x, y, w, h] = {ann['bbox']} sticks out of the image by "
+                        f"{beyond:.1f} px (data.out_of_image=clip would clip it)"
+                    )
+                ann = {**ann, "bbox": [x1, y1, x2 - x1, y2 - y1]}
+            annotations.append(ann)
+        return {**data, "annotations": annotations}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> str:
+        return self._files[index]
+
+    def target(self, index: int, canvas_size: tuple[int, int] | None = None) -> Target:
+        """The un-augmented target of ``index``, without reading the image."""
+        lo, hi = int(self._offsets[index]), int(self._offsets[index + 1])
+        boxes = torch.from_numpy(self._boxes[lo:hi].copy())
+        return {
+            "boxes": tv_tensors.BoundingBoxes(
+                boxes, format="XYXY", canvas_size=canvas_size or self._sizes[index]
+            ),
+            "labels": torch.from_numpy(self._labels[lo:hi].copy()),
+            "image_id": self.image_ids[index],
+        }
+
+    def __getitem__(self, key: Key) -> tuple[tv_tensors.Image, Target]:
+        index, sample_seed = key if isinstance(key, tuple) else (key, None)
+        path = self._files[index]
+        image = read_image(path)
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        if size != self._sizes[index]:
+            hint = (
+                " (width and height swapped: EXIF orientation?)" if size == self._sizes[index][::-1] else ""
+            )
+            raise DatasetError(
+                f"{path}: decoded size {size[1]}x{size[0]} differs from the annotated "
+                f"{self._sizes[index][1]}x{self._sizes[index][0]}{hint}"
+            )
+        sample = (tv_tensors.Image(image), self.target(index, size))
+        if self.transform is None:
+            return sample
+        if sample_seed is None:  # a plain index: the caller's RNG decides, as in torchvision
+            return self.transform(sample)
+        # the seed alone decides the augmentation, whatever process runs it, and the caller's RNG
+        # stream continues as if nothing happened (needed for bitwise-exact resume)
+        with torch.random.fork_rng(devices=[]):
+            # default_generator only: torch.manual_seed would also reseed (or queue a reseed of) CUDA
+            torch.default_generator.manual_seed(sample_seed)
+            return self.transform(sample)
+
+
+def _coco_source(source: DatasetSource, data_cfg: DataConfig, split: str) -> tuple[dict[str, Any], Path]:
+    path = Path(source.path or "")
+    return load_coco(path, source.image_root if source.image_root is not None else path.parent)
+
+
+LOADERS: dict[str, Callable[[DatasetSource, DataConfig, str], tuple[dict[str, Any], Path]]] = {
+    "coco": _coco_source,
+    "yolo": lambda src, cfg, split: load_yolo(src.path or "", split, src.image_root),
+    "voc": lambda src, cfg, split: load_voc(src.path or "", split, image_root=src.image_root),
+    "synthetic": lambda src, cfg, split: load_synthetic(cfg.synthetic, split),
+}
+
+
+def build_dataset(source: DatasetSource, data_cfg: DataConfig, train: bool) -> DetectionDataset:
+    """Load ``source`` with the loader of its format and wrap it; ``train`` turns augmentation on."""
+    split = source.split or ("train" if train else "val")
+    data, image_root = LOADERS[source.format](source, data_cfg, split)
+    return DetectionDataset(
+        data,
+        image_root,
+        train=train,
+        augment=data_cfg.augment,
+        empty_images=data_cfg.empty_images,
+        out_of_image=data_cfg.out_of_image,
+        source=source.path or f"synthetic {split}",
+        validate=False,  # the loader just did
+    )
+
+
+def convert_to_coco(fmt: str, path: str | Path, split: str, out_json: str | Path) -> Path:
+    """Write a YOLO or VOC split as a COCO json (atomically); returns the image root it refers to.
+
+    The json's ``file_name``s are relative to that root: load it with
+    ``load_coco(out_json, image_root)`` or ``format: coco, path: out_json, image_root: <root>``.
+    """
+    if fmt not in ("yolo", "voc"):
+        raise DatasetError(f"convert: the input format must be yolo or voc, got {fmt!r}")
+    source = DatasetSource(format=fmt, path=str(path), split=split)
+    data, image_root = LOADERS[fmt](source, DataConfig(), split)
+    write_json_atomic(data, out_json)
+    return image_root

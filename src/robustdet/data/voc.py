@@ -1,0 +1,174 @@
+"""Pascal VOC (``VOCdevkit/VOC20xx``: ImageSets/Main, Annotations, JPEGImages) turned into a COCO dict."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+from xml.etree.ElementTree import Element, ParseError
+
+import defusedxml
+import defusedxml.ElementTree as SafeET
+
+from robustdet.data.coco import (
+    DatasetError,
+    ErrorList,
+    categories_from_names,
+    check_image_file,
+    check_image_root,
+    validate_coco,
+)
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+
+def _text(node: Element, tag: str, where: str) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        raise DatasetError(f"{where}: missing <{tag}>")
+    return child.text.strip()
+
+
+def _number(node: Element, tag: str, where: str) -> float:
+    raw = _text(node, tag, where)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise DatasetError(f"{where}: <{tag}> must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise DatasetError(f"{where}: <{tag}> is not finite ({raw})")
+    return value
+
+
+def _parse_xml(xml_path: Path) -> Element:
+    try:
+        return SafeET.parse(xml_path).getroot()
+    except FileNotFoundError:
+        raise DatasetError(f"{xml_path}: annotation file not found") from None
+    except defusedxml.DefusedXmlException as exc:
+        # entity declarations (billion laughs, external entities) are never needed by VOC annotations
+        raise DatasetError(f"{xml_path}: refused unsafe XML ({type(exc).__name__}: {exc})") from None
+    except ParseError as exc:
+        raise DatasetError(f"{xml_path}: not well-formed XML ({exc})") from None
+    except OSError as exc:
+        raise DatasetError(f"{xml_path}: cannot read ({exc.strerror})") from None
+
+
+def _objects(
+    root: Element, xml_path: Path, class_index: dict[str, int]
+) -> list[tuple[int, list[float], int]]:
+    """[(class index, [x, y, w, h], difficult)] with VOC's 1-based inclusive pixel coordinates converted.
+
+    As in detectron2: x1 - 1 and y1 - 1, x2 and y2 kept, so a box spanning pixels 1..W becomes [0, W].
+    """
+    out = []
+    for k, obj in enumerate(root.findall("object")):
+        where = f"{xml_path}: object[{k}]"
+        name = _text(obj, "name", where)
+        if name not in class_index:
+            raise DatasetError(f"{where}: unknown class {name!r} (expected one of {sorted(class_index)})")
+        where = f"{where} ({name})"
+        difficult_node = obj.find("difficult")
+        difficult = 0
+        if difficult_node is not None and difficult_node.text and difficult_node.text.strip():
+            try:
+                difficult = int(difficult_node.text.strip())
+            except ValueError:
+                raise DatasetError(
+                    f"{where}: <difficult> must be 0 or 1, got {difficult_node.text!r}"
+                ) from None
+        box = obj.find("bndbox")
+        if box is None:
+            raise DatasetError(f"{where}: missing <bndbox>")
+        x1, y1, x2, y2 = (_number(box, t, where) for t in ("xmin", "ymin", "xmax", "ymax"))
+        x1, y1 = x1 - 1, y1 - 1
+        if x2 <= x1 or y2 <= y1:
+            dim = "width" if x2 <= x1 else "height"
+            raise DatasetError(
+                f"{where}: box has non-positive {dim} (xmin..xmax {x1 + 1:g}..{x2:g}, "
+                f"ymin..ymax {y1 + 1:g}..{y2:g})"
+            )
+        out.append((class_index[name], [x1, y1, x2 - x1, y2 - y1], 1 if difficult else 0))
+    return out
+
+
+def load_voc(
+    voc_root: str | Path,
+    split: str,
+    class_names: tuple[str, ...] | list[str] = VOC_CLASSES,
+    image_root: str | Path | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Read ``ImageSets/Main/{split}.txt`` of a VOC20xx folder as a COCO dict.
+
+    ``difficult=1`` objects become ``iscrowd=1``: COCOeval then ignores detections matched to them (as
+    VOC's own evaluation does), and they stay out of the training targets. Category ids are 1..C in
+    ``class_names`` order; image ids are 1..N in the order of the split file.
+    """
+    voc_root = Path(voc_root)
+    split_file = voc_root / "ImageSets" / "Main" / f"{split}.txt"
+    try:
+        stems = [
+            line.split()[0] for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+    except FileNotFoundError:
+        raise DatasetError(
+            f"{split_file}: split file not found (is {voc_root} a VOCdevkit/VOC20xx folder?)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{split_file}: cannot read ({exc})") from None
+    if not stems:
+        raise DatasetError(f"{split_file}: lists no images")
+    root = Path(image_root) if image_root is not None else voc_root / "JPEGImages"
+    root_real = check_image_root(root, str(voc_root))
+    class_index = {name: i for i, name in enumerate(class_names)}
+
+    errors = ErrorList()
+    images, annotations = [], []
+    for image_id, stem in enumerate(stems, start=1):
+        where = f"{split_file}: line {image_id} ({stem!r})"
+        file_name = f"{stem}.jpg"
+        problem = check_image_file(root, root_real, file_name, where)
+        if problem:
+            errors.add(problem)
+            continue
+        xml_path = voc_root / "Annotations" / f"{stem}.xml"
+        if not xml_path.resolve().is_relative_to((voc_root / "Annotations").resolve()):
+            errors.add(f"{where}: annotation path {xml_path} escapes {voc_root / 'Annotations'}")
+            continue
+        try:
+            root_node = _parse_xml(xml_path)
+            size = root_node.find("size")
+            if size is None:
+                raise DatasetError(f"{xml_path}: missing <size>")
+            width, height = (_number(size, t, f"{xml_path}: <size>") for t in ("width", "height"))
+            if width <= 0 or height <= 0 or not width.is_integer() or not height.is_integer():
+                raise DatasetError(
+                    f"{xml_path}: <size> must hold positive integers, got {width:g}x{height:g}"
+                )
+            objects = _objects(root_node, xml_path, class_index)
+        except DatasetError as exc:
+            errors.add(str(exc))
+            continue
+        images.append({"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)})
+        for cls, bbox, difficult in objects:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": cls + 1,
+                    "bbox": bbox,
+                    "area": bbox[2] * bbox[3],
+                    "iscrowd": difficult,
+                }
+            )
+    errors.raise_if_any()
+    data = {
+        "info": {"description": f"converted by robustdet from {voc_root.name} split {split}"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories_from_names(class_names),
+    }
+    return validate_coco(data, str(voc_root), root, check_files=False), root
