@@ -1,0 +1,19 @@
+"""Detectors that return their training loss per pyramid level (``DetectorLosses``)."""
+
+from robustdet.models.backbones import BACKBONES, PYRAMIDS, build_backbone
+from robustdet.models.base import DetectorLosses, level_sums, normalise
+from robustdet.models.build import DETECTORS, build_model
+from robustdet.models.retinanet import PerLevelRetinaNet, build_retinanet
+
+__all__ = [
+    "BACKBONES",
+    "DETECTORS",
+    "PYRAMIDS",
+    "DetectorLosses",
+    "PerLevelRetinaNet",
+    "build_backbone",
+    "build_model",
+    "build_retinanet",
+    "level_sums",
+    "normalise",
+]
