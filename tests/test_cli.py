@@ -14,6 +14,17 @@ from tests.conftest import REPO, tiny_overrides
 CONFIG = str(REPO / "configs" / "default.yaml")
 
 
+def _same(a, b) -> bool:
+    """Exact equality through nested dicts and lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def _train(tmp_path, out, extra=None, *flags):
     argv = ["train", CONFIG, *tiny_overrides(tmp_path, extra), "--out", str(out), *flags]
     assert main(argv) == 0
@@ -58,9 +69,8 @@ def test_resume_from_previous_checkpoint_is_bitwise_exact(trained_run):
     b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    assert a["weighting"].keys() == b["weighting"].keys()
-    for k, v in a["weighting"].items():
-        assert (torch.equal(v, b["weighting"][k]) if isinstance(v, torch.Tensor) else v == b["weighting"][k]), k
+    for key in ("weighting", "optimizer", "scheduler", "rng"):
+        assert _same(a[key], b[key]), key
     log_a = (run / "log.jsonl").read_text().splitlines()
     log_b = (resumed / "log.jsonl").read_text().splitlines()
     strip = [{k: v for k, v in json.loads(x).items() if k != "time"} for x in log_a]

@@ -64,15 +64,15 @@ def test_impossible_combinations(overrides, fragment):
 
 
 def test_file_errors_name_the_file(tmp_path):
-    with pytest.raises(ConfigError, match="missing.yaml"):
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         load_config(bad)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="list.yaml: the top level must be a mapping"):
+    with pytest.raises(ConfigError, match=r"list\.yaml: the top level must be a mapping"):
         load_config(listy)
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  backbon: resnet18\n")

@@ -45,7 +45,7 @@ def test_save_keeps_previous_and_falls_back_on_corruption(tmp_path):
     # truncate last.pt as a kill mid-copy would
     data = (tmp_path / "last.pt").read_bytes()
     (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="last.pt: corrupt or truncated"):
+    with pytest.raises(CheckpointError, match=r"last\.pt: corrupt or truncated"):
         load_checkpoint(tmp_path / "last.pt")
     path, state = find_resumable(tmp_path)
     assert path.name == "prev.pt" and state["iteration"] == 1
@@ -55,7 +55,7 @@ def test_save_keeps_previous_and_falls_back_on_corruption(tmp_path):
 def test_empty_and_missing_checkpoints(tmp_path):
     assert find_resumable(tmp_path) is None
     (tmp_path / "last.pt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="last.pt: the checkpoint file is empty"):
+    with pytest.raises(CheckpointError, match=r"last\.pt: the checkpoint file is empty"):
         find_resumable(tmp_path)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "nope.pt")
@@ -69,7 +69,7 @@ class _Payload:
 def test_checkpoint_needing_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "x": _Payload()}, path)
-    with pytest.raises(CheckpointError, match="evil.pt: refused"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt: refused"):
         load_checkpoint(path)
 
 

@@ -10,9 +10,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from robustdet.engine.evaluator import METRIC_NAMES  # noqa: E402
+from robustdet.engine.evaluator import METRIC_NAMES
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -71,8 +71,9 @@ def make_report(run_dir: str | Path) -> list[Path]:
         _series_plot(out / "lr.png", iters, {"lr": [r["lr"] for r in records]}, "learning rate", "lr"),
     ]
     if "rlo_probabilities" in records[-1]:
+        names = ("(AVW)", "(smallest L)", "(largest L)", "(equal)")
         probs = {
-            f"a{k} " + ("(AVW)", "(smallest L)", "(largest L)", "(equal)")[k]: [r["rlo_probabilities"][k] for r in records]
+            f"a{k} {names[k]}": [r["rlo_probabilities"][k] for r in records]
             for k in range(len(records[-1]["rlo_probabilities"]))
         }
         files.append(_series_plot(out / "rlo_probabilities.png", iters, probs, "RLO action probabilities", "p_k"))
@@ -116,7 +117,7 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str] | None = None) -
                    if k.startswith("log_var_") and isinstance(v, float)}
             extra = " ".join(f"σ_{k}={v:.3f}" for k, v in sig.items())
         rows.append((d.name, [m[k] for k in metrics], extra))
-    width = max(len(r[0]) for r in rows + [("run", [], "")])
+    width = max(len(r[0]) for r in [*rows, ("run", [], "")])
     head = f"{'run':<{width}} " + " ".join(f"{k:>6}" for k in metrics) + "  notes"
     lines = [head, "-" * len(head)]
     for name, vals, extra in rows:

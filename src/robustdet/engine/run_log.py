@@ -55,7 +55,7 @@ class RunLog:
             for p in (self.step_path, self.event_path) + ((self.eval_path,) if rank == 0 else ()):
                 if p.exists():
                     p.unlink()
-        self._steps = open(self.step_path, "a")
+        self._steps = open(self.step_path, "a")  # noqa: SIM115 - held open for the run, closed in close()
         self._tb = None
         if tensorboard and rank == 0:
             from torch.utils.tensorboard import SummaryWriter
