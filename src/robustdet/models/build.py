@@ -7,11 +7,15 @@ from collections.abc import Callable
 from torch import nn
 
 from robustdet.config import Config
+from robustdet.models.faster_rcnn import build_faster_rcnn
+from robustdet.models.fcos import build_fcos
 from robustdet.models.retinanet import build_retinanet
 
-# FCOS and Faster R-CNN return the same DetectorLosses and join this table when they exist.
+# Every detector returns DetectorLosses in training and torchvision detections (labels 0..C-1) in eval.
 DETECTORS: dict[str, Callable[[Config, int], nn.Module]] = {
     "retinanet": build_retinanet,
+    "fcos": build_fcos,
+    "faster_rcnn": build_faster_rcnn,
 }
 
 

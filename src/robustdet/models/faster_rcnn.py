@@ -1,0 +1,416 @@
+"""Faster R-CNN (FPN) whose RoI-head loss comes out per pyramid level, the RPN's logged per anchor level.
+
+torchvision's ``FasterRCNN`` supplies the transform, backbone, RPN (head, anchors, matcher, sampler,
+proposal filtering), the RoI head (sampling, ``MultiScaleRoIAlign``, box head, predictor) and the
+post-processing; this subclass runs those parts itself and replaces the two loss functions, so that
+every sampled anchor and every sampled RoI keeps the pyramid level it came from.
+
+Loss (``docs/models.md``; ``shared/design/equations.md``, "Per-level losses"). The RPN samples a set S of
+anchors over the batch (torchvision's ``BalancedPositiveNegativeSampler``, 256 per image, half positive
+at most), P ⊂ S the positives; the RoI head samples R RoIs (512 per image, a quarter positive at most),
+each pooled from the FPN level k(r) of torchvision's ``LevelMapper`` (FPN Eq. 1), Q ⊂ R the foreground
+ones. With ℓ(a) the level of anchor a, ρ = ``cls_weight``:
+
+    RPN, level i ∈ P2..P6:   rpn_cls_i = ρ · Σ_{a ∈ S, ℓ(a) = i} BCE(o_a, y_a) / |S|
+                             rpn_reg_i =     Σ_{a ∈ P, ℓ(a) = i} Σ_k SmoothL1_β(δ_ak − δ*_ak) / |S|
+    RoI, level i ∈ P2..P5:   roi_cls_i = ρ · Σ_{r ∈ R, k(r) = i} CE(z_r, c_r) / |R|
+                             roi_reg_i =     Σ_{r ∈ Q, k(r) = i} Σ_k SmoothL1_β(δ_{r,c_r,k} − δ*_rk) / |R|
+
+which is torchvision's normalisation (the sampled count, not the foreground count), so Σ_i over the RPN
+levels is ``loss_objectness + loss_rpn_box_reg`` and Σ_i over the RoI levels ``loss_classifier +
+loss_box_reg`` (for β = 1/9 and ρ = 1, torchvision's values). As in Luo et al. ("we omit RPN"), only the
+RoI levels L_i = roi_cls_i + roi_reg_i are weighted; the RPN total is ``extra_loss``.
+
+With ``loss.bayesian`` each of the four tasks has its own s (``LogVariances`` keys rpn_cls, rpn_reg,
+roi_cls, roi_reg): BCE becomes the Bayesian BCE e^(−s)·BCE + s/2 (Eq. 16 of Khanzhina et al. with γ = 0 and
+no α), CE Kendall's e^(−s)·CE + s/2 (Eq. 5, section 2.1), SmoothL1 the Bayesian smooth L1 (Eq. 14); the
+sampling, level split and normalisation stay the same.
+
+Labels: the engine's labels are 0..C-1 without background, torchvision's Faster R-CNN reserves 0 for
+background, so labels go in shifted by +1 and detections come out shifted back by −1.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
+from torchvision.ops import MultiScaleRoIAlign
+
+from robustdet.config import Config, LossConfig
+from robustdet.losses import (
+    LogVariances,
+    bayesian_binary_cross_entropy,
+    bayesian_cross_entropy,
+    bayesian_smooth_l1_loss,
+    smooth_l1_loss,
+)
+from robustdet.models.anchors import build_anchor_generator
+from robustdet.models.backbones import build_backbone, level_names
+from robustdet.models.base import DetectorLosses, build_log_variances
+from robustdet.models.retinanet import PerLevelRetinaNet
+
+# torchvision's FasterRCNN: 7x7 RoIAlign with 2 samples per bin from P2-P5, a 1024-wide box head
+ROI_FEATURE_MAPS = ["0", "1", "2", "3"]
+ROI_OUTPUT_SIZE = 7
+ROI_SAMPLING_RATIO = 2
+REPRESENTATION_SIZE = 1024
+# FPN Eq. 1 sends a 224x224 RoI (the ImageNet size) to P4, for torchvision's anchors of 32 px on P2
+CANONICAL_SCALE = 224
+CANONICAL_P2_ANCHOR = 32.0
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 head outputs under autocast: losses, anchors and decoding in float32 (an anchor at x = 1000
+    # is off by 4 px in bf16); float64 stays float64 for the equivalence tests
+    return torch.promote_types(dtype, torch.float32)
+
+
+def sum_by_level(values: Tensor, levels: Tensor, num_levels: int) -> Tensor:
+    """Σ of ``values`` [N] per level index ``levels`` [N] (0..num_levels-1): [num_levels].
+
+    A masked sum over a [num_levels, N] table rather than ``index_add_``, whose float atomics on CUDA
+    make the sums differ from run to run; N is at most a few thousand sampled anchors or RoIs.
+    """
+    hit = levels[None, :] == torch.arange(num_levels, device=levels.device)[:, None]
+    return torch.where(hit, values[None, :], 0.0).sum(dim=1)
+
+
+class PerLevelFasterRCNN(FasterRCNN):
+    """torchvision's Faster R-CNN (FPN) with per-level training losses (``DetectorLosses``).
+
+    ``num_classes`` counts the object classes only (labels 0..C-1); the predictor has C + 1 outputs,
+    torchvision's class 0 being background. Training returns ``DetectorLosses`` with the RoI head's
+    losses per level P2-P5 (``level_names``) and the RPN's total in ``extra_loss``, its per-level parts
+    (``rpn_level_names``, P2-P6) in ``extra_components``. Evaluation returns torchvision's detections
+    (boxes in input-image pixels) with labels 0..C-1. ``log_variances`` holds s_rpn_cls, s_rpn_reg,
+    s_roi_cls, s_roi_reg when the loss is Bayesian, else None.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *,
+        loss: LossConfig,
+        log_variances: LogVariances | None = None,
+        **faster_rcnn_kwargs: object,
+    ) -> None:
+        if loss.box_loss == "giou":
+            raise ValueError(
+                "loss.box_loss=giou is not available for Faster R-CNN: its RPN and box head regress "
+                "anchor/proposal deltas with smooth L1; use loss.box_loss=smooth_l1 (loss.beta=0.1111111111111111 "
+                "is torchvision's 1/9) or l1"
+            )
+        if loss.bayesian and loss.box_loss == "l1":
+            raise ValueError(
+                "loss.bayesian=true with loss.box_loss=l1: the Bayesian smooth L1 (Eq. 14) needs a threshold "
+                "beta > 0 and L1 has none; use loss.box_loss=smooth_l1 with loss.beta (torchvision's 1/9)"
+            )
+        if loss.bayesian and log_variances is None:
+            raise ValueError("loss.bayesian=true needs log_variances (rpn_cls, rpn_reg, roi_cls, roi_reg)")
+        # +1: torchvision's box predictor has a background output at index 0
+        predictor_classes = None if "box_predictor" in faster_rcnn_kwargs else num_classes + 1
+        super().__init__(backbone, predictor_classes, **faster_rcnn_kwargs)
+        roi_pool = self.roi_heads.box_roi_pool
+        if list(roi_pool.featmap_names) != ROI_FEATURE_MAPS:
+            raise ValueError(f"box_roi_pool must pool from {ROI_FEATURE_MAPS} (P2-P5), got {roi_pool.featmap_names}")
+        self.loss_cfg = loss
+        self.num_classes = num_classes
+        self.level_names = level_names("p2p6")[: len(ROI_FEATURE_MAPS)]  # P2-P5: the RoI levels, weighted
+        self.rpn_level_names = level_names("p2p6")  # P2-P6: the RPN's anchor levels, logged
+        self.log_variances = log_variances if loss.bayesian else None
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def forward(  # type: ignore[override]
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> DetectorLosses | list[dict[str, Tensor]]:
+        """Training (targets needed): ``DetectorLosses``. Eval: per image ``{boxes, scores, labels}``."""
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode")
+            self._check_target_shapes(targets, len(images))
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, targets = self.transform(images, targets if self.training else None)
+        if self.training:
+            assert targets is not None
+            self._check_boxes(targets)  # labels still 0..C-1 here, so the messages speak the user's labels
+            targets = [{**t, "labels": t["labels"] + 1} for t in targets]
+        features = self.backbone(image_list.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, rpn_losses = self._rpn_forward(image_list, features, targets)
+        if not self.training:
+            detections = self._detect(features, proposals, image_list.image_sizes)
+            return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        assert rpn_losses is not None and targets is not None
+        roi_cls, roi_reg = self._roi_losses(features, proposals, image_list.image_sizes, targets)
+        rpn_cls, rpn_reg = rpn_losses
+        return DetectorLosses(
+            level_names=list(self.level_names),
+            level_losses=roi_cls + roi_reg,
+            components={"roi_cls": roi_cls.detach(), "roi_reg": roi_reg.detach()},
+            extra_loss=rpn_cls.sum() + rpn_reg.sum(),
+            extra_components={"rpn_cls": rpn_cls.detach(), "rpn_reg": rpn_reg.detach()},
+        )
+
+    def batch_anchors(self, image_list: ImageList, features: list[Tensor]) -> list[Tensor]:
+        """The RPN's anchors, one [A, 4] per image (all alike: they depend on the padded batch only).
+
+        Empty stand-ins for the feature maps make torchvision's generator produce them in float32 even
+        under bf16 autocast (it reads only the shapes, dtype and device of the maps).
+        """
+        dtype = _loss_dtype(features[0].dtype)
+        shapes = [f.new_empty((0, 0, *f.shape[-2:]), dtype=dtype) for f in features]
+        return self.rpn.anchor_generator(image_list, shapes)
+
+    def _rpn_forward(
+        self,
+        image_list: ImageList,
+        features: dict[str, Tensor],
+        targets: list[dict[str, Tensor]] | None,
+    ) -> tuple[list[Tensor], tuple[Tensor, Tensor] | None]:
+        """torchvision's ``RegionProposalNetwork.forward`` with per-level losses: (proposals, losses).
+
+        The same calls in the same order, so the sampler draws the same random numbers as torchvision's.
+        """
+        rpn = self.rpn
+        feature_list = list(features.values())
+        objectness, deltas = rpn.head(feature_list)
+        anchors = self.batch_anchors(image_list, feature_list)
+        counts = [int(o[0].numel()) for o in objectness]  # A·H·W anchors per level
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)  # [B·A, 1], [B·A, 4]
+        dtype = _loss_dtype(objectness.dtype)
+        objectness, deltas = objectness.to(dtype), deltas.to(dtype)
+        # proposals do not backpropagate into the RPN (torchvision detaches them too)
+        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        boxes, _ = rpn.filter_proposals(proposals, objectness, image_list.image_sizes, counts)
+        if not self.training:
+            return boxes, None
+        assert targets is not None
+        labels, matched_gt_boxes = rpn.assign_targets_to_anchors(anchors, targets)
+        regression_targets = rpn.box_coder.encode(matched_gt_boxes, anchors)
+        return boxes, self.rpn_level_losses(objectness, deltas, labels, regression_targets, counts)
+
+    def _roi_losses(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+    ) -> tuple[Tensor, Tensor]:
+        """torchvision's ``RoIHeads.forward`` (training, boxes only) with per-level losses."""
+        heads = self.roi_heads
+        proposals, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
+        class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)
+        levels = self.roi_levels(proposals)
+        return self.roi_level_losses(class_logits, box_regression, labels, regression_targets, levels)
+
+    def _box_outputs(
+        self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        heads = self.roi_heads
+        pooled = heads.box_roi_pool(features, proposals, image_sizes)
+        class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
+        dtype = _loss_dtype(class_logits.dtype)
+        return class_logits.to(dtype), box_regression.to(dtype)
+
+    def roi_levels(self, proposals: list[Tensor]) -> Tensor:
+        """The pyramid level (0 = P2 .. 3 = P5) each RoI is pooled from: the pooler's own ``LevelMapper``.
+
+        The pooler sets its mapper up on its first call (from the feature-map strides), so this is only
+        valid after a pass through ``box_roi_pool``, which ``_box_outputs`` makes.
+        """
+        mapper = self.roi_heads.box_roi_pool.map_levels
+        if mapper is None:
+            raise RuntimeError("roi_levels needs the RoI pooler to have run once (it sets up its level mapper)")
+        return mapper(proposals)
+
+    def _detect(
+        self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)
+        boxes, scores, labels = self.roi_heads.postprocess_detections(
+            class_logits, box_regression, proposals, image_sizes
+        )
+        # torchvision's labels are 1..C here (background dropped): back to the engine's 0..C-1
+        return [
+            {"boxes": b, "scores": s, "labels": lab - 1} for b, s, lab in zip(boxes, scores, labels, strict=True)
+        ]
+
+    # --- losses --------------------------------------------------------------------------------
+
+    def _box_loss(self, deltas: Tensor, target_deltas: Tensor, task: str) -> Tensor:
+        """Per-element (Bayesian) smooth L1 [N, 4]: Eq. 14 with s_task when Bayesian, else Eq. 6."""
+        cfg = self.loss_cfg
+        beta = 0.0 if cfg.box_loss == "l1" else cfg.beta
+        lv = self.log_variances
+        if lv is not None:
+            return bayesian_smooth_l1_loss(deltas, target_deltas, lv[task], beta=beta, reduction="none")
+        return smooth_l1_loss(deltas, target_deltas, beta=beta, reduction="none")
+
+    def rpn_level_losses(
+        self,
+        objectness: Tensor,
+        deltas: Tensor,
+        labels: list[Tensor],
+        regression_targets: list[Tensor],
+        counts: list[int],
+    ) -> tuple[Tensor, Tensor]:
+        """RPN objectness and box losses per anchor level (rpn_cls, rpn_reg), each [len(counts)].
+
+        ``objectness`` [B·A, 1] and ``deltas`` [B·A, 4] are the RPN outputs flattened image after image,
+        each image's anchors level after level (``counts`` per level); ``labels`` per image [A] hold 1
+        (foreground), 0 (background), −1 (ignored); ``regression_targets`` per image [A, 4] the encoded
+        matched boxes. The anchors are sampled by the RPN's own sampler exactly as torchvision's
+        ``compute_loss`` does, and both sums are divided by the number sampled (torchvision's
+        normalisation). Bayesian: Eq. 16 with γ = 0 and no α for the objectness, Eq. 14 for the boxes.
+        """
+        cfg = self.loss_cfg
+        if objectness.shape[0] != len(labels) * sum(counts):
+            raise ValueError(
+                f"{objectness.shape[0]} RPN outputs for {len(labels)} images of {sum(counts)} anchors each "
+                f"(levels {counts})"
+            )
+        pos_masks, neg_masks = self.rpn.fg_bg_sampler(labels)
+        pos = torch.where(torch.cat(pos_masks, dim=0))[0]
+        neg = torch.where(torch.cat(neg_masks, dim=0))[0]
+        sampled = torch.cat([pos, neg], dim=0)
+        num_sampled = max(1, sampled.numel())
+        anchor_level = torch.repeat_interleave(
+            torch.arange(len(counts), device=objectness.device),
+            torch.tensor(counts, device=objectness.device),
+        )
+        level = anchor_level.repeat(len(labels))  # every image has the same anchors
+        targets_all = torch.cat(regression_targets, dim=0)
+        logits = objectness.flatten()[sampled]
+        target = torch.cat(labels, dim=0)[sampled].to(logits.dtype)
+        lv = self.log_variances
+        if lv is not None:
+            cls = bayesian_binary_cross_entropy(logits, target, lv["rpn_cls"], reduction="none")
+        else:
+            cls = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        # indexing the positives, not masking all anchors: an image without boxes has −inf targets
+        # (log 0 in the encoding), finite only where torchvision never looks
+        reg = self._box_loss(deltas[pos], targets_all[pos], "rpn_reg").sum(dim=1)
+        num_levels = len(counts)
+        cls_levels = cfg.cls_weight * sum_by_level(cls, level[sampled], num_levels) / num_sampled
+        reg_levels = sum_by_level(reg, level[pos], num_levels) / num_sampled
+        return cls_levels, reg_levels
+
+    def roi_level_losses(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        labels: list[Tensor],
+        regression_targets: list[Tensor],
+        levels: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Box-head classification and regression losses per RoI level (roi_cls, roi_reg), each [4].
+
+        ``class_logits`` [R, C+1], ``box_regression`` [R, 4·(C+1)] for the R sampled RoIs of the batch,
+        ``labels`` per image (0 = background, 1..C), ``regression_targets`` per image [R_b, 4] (weights
+        10, 10, 5, 5), ``levels`` [R] the level each RoI was pooled from. torchvision's ``fastrcnn_loss``
+        split by level: CE over all R, smooth L1 of the true class's deltas over the foreground ones, both
+        divided by R.
+        """
+        cfg = self.loss_cfg
+        labels_all = torch.cat(labels, dim=0)
+        targets_all = torch.cat(regression_targets, dim=0)
+        num_rois = max(1, labels_all.numel())
+        lv = self.log_variances
+        if lv is not None:
+            cls = bayesian_cross_entropy(class_logits, labels_all, lv["roi_cls"], reduction="none")
+        else:
+            cls = F.cross_entropy(class_logits, labels_all, reduction="none")
+        pos = torch.where(labels_all > 0)[0]
+        per_class = box_regression.reshape(box_regression.shape[0], -1, 4)
+        reg = self._box_loss(per_class[pos, labels_all[pos]], targets_all[pos], "roi_reg").sum(dim=1)
+        num_levels = len(self.level_names)
+        cls_levels = cfg.cls_weight * sum_by_level(cls, levels, num_levels) / num_rois
+        reg_levels = sum_by_level(reg, levels[pos], num_levels) / num_rois
+        return cls_levels, reg_levels
+
+    # --- checks --------------------------------------------------------------------------------
+
+    # RetinaNet's checks and messages (shapes and dtypes; boxes with positive size and labels 0..C-1
+    # after resizing, one host sync for the batch), applied before the +1 shift
+    _check_target_shapes = PerLevelRetinaNet._check_target_shapes
+    _check_boxes = PerLevelRetinaNet._check_boxes
+
+
+def canonical_scale(anchor_sizes: list[float]) -> int:
+    """The RoI size FPN Eq. 1 maps to P4, scaled with the anchors: 224 · anchor_sizes[0] / 32.
+
+    torchvision's 224 goes with its anchors (32 px on P2, ..., 512 on P6) on images of 800-1333 px;
+    with smaller anchors (small images, e.g. 8 px on P2 for the 128 px synthetic data) every RoI would land
+    on P2 and the RoI levels the weighting acts on would be empty but one. Scaling the canonical size
+    with the P2 anchor keeps the ratio between the RPN's and the RoI head's level assignment, and is
+    exactly torchvision's 224 for its default anchors.
+    """
+    return max(1, round(CANONICAL_SCALE * float(anchor_sizes[0]) / CANONICAL_P2_ANCHOR))
+
+
+def build_faster_rcnn(cfg: Config, num_classes: int) -> PerLevelFasterRCNN:
+    """Faster R-CNN from ``cfg.model`` / ``cfg.loss``: backbone P2-P6 (P6 max-pooled), RPN, RoI head.
+
+    Anchors: level i ∈ P2..P6 gets sizes ``anchor_sizes[i] × anchor_scales`` at every ``aspect_ratios``
+    entry, the rule RetinaNet uses; Faster R-CNN's FPN convention (and the configs in
+    ``configs/faster_rcnn``) is a single scale, ``anchor_scales: [1.0]``. The RPN and RoI sampling sizes,
+    IoU thresholds and proposal counts are torchvision's defaults (``model.fg_iou_thresh`` /
+    ``bg_iou_thresh`` / ``topk_candidates`` / ``prior_probability`` are RetinaNet's and unused here).
+    ``model.head_norm: group_norm`` gives the box head torchvision's ``FastRCNNConvFCHead`` (4 conv + 1 fc,
+    as ``fasterrcnn_resnet50_fpn_v2``) with GroupNorm; ``none`` the paper's two-fc ``TwoMLPHead``.
+    """
+    m = cfg.model
+    names = level_names("p2p6")
+    if len(m.anchor_sizes) != len(names):
+        raise ValueError(
+            f"model.anchor_sizes needs one size per level {names} for Faster R-CNN, got {len(m.anchor_sizes)}: "
+            f"{m.anchor_sizes}"
+        )
+    backbone = build_backbone(m, "p2p6")
+    channels = backbone.out_channels
+    anchor_generator = build_anchor_generator(m.anchor_sizes, m.anchor_scales, m.aspect_ratios)
+    rpn_head = RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
+    roi_pool = MultiScaleRoIAlign(
+        ROI_FEATURE_MAPS, ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO, canonical_scale=canonical_scale(m.anchor_sizes)
+    )
+    box_head: nn.Module
+    if m.head_norm == "group_norm":
+        box_head = FastRCNNConvFCHead(
+            (channels, ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE),
+            [channels] * 4,
+            [REPRESENTATION_SIZE],
+            norm_layer=partial(nn.GroupNorm, m.group_norm_groups),
+        )
+    else:
+        box_head = TwoMLPHead(channels * ROI_OUTPUT_SIZE**2, REPRESENTATION_SIZE)
+    return PerLevelFasterRCNN(
+        backbone,
+        num_classes,
+        loss=cfg.loss,
+        log_variances=build_log_variances(cfg),
+        min_size=m.min_size,
+        max_size=m.max_size,
+        image_mean=list(m.image_mean),
+        image_std=list(m.image_std),
+        rpn_anchor_generator=anchor_generator,
+        rpn_head=rpn_head,
+        box_roi_pool=roi_pool,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(REPRESENTATION_SIZE, num_classes + 1),
+        box_score_thresh=m.score_thresh,
+        box_nms_thresh=m.nms_thresh,
+        box_detections_per_img=m.detections_per_img,
+    )
+
+
+__all__ = ["PerLevelFasterRCNN", "build_faster_rcnn", "canonical_scale", "sum_by_level"]
