@@ -1,19 +1,23 @@
 """The ``robustdet`` command line: train, eval, predict, convert, report, compare, plot-losses.
 
-Known errors (bad config, bad dataset, bad checkpoint, missing file) end with one line naming the file,
-image or key, and exit code 2; ``--debug`` shows the traceback instead.
+Known errors (bad config, bad dataset, bad checkpoint, missing file, a diverged run, a lost rank) end
+with one line naming the file, image or key, and exit code 2; ``--debug`` shows the traceback instead.
+SIGINT (Ctrl-C) and SIGTERM during training save a checkpoint and exit with 130 and 143 (128 + the
+signal number, the shell's convention). See docs/robustness.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from robustdet.config import ConfigError, load_config
 
 EXIT_USAGE = 2
+EXIT_SIGINT = 130
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -27,7 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "--overwrite to start it again, or another --out"
         )
     metrics = Trainer(cfg, out, resume=args.resume).train()
-    if metrics is not None:
+    if metrics is not None and os.environ.get("RANK", "0") == "0":
         print(f"run directory: {out}  (metrics.json, log.jsonl, checkpoints/last.pt, tensorboard/)")
     return 0
 
@@ -45,7 +49,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"{args.checkpoint}: the model's classes differ from data.val's "
             f"({loaded.classes[:3]}... vs {dataset.classes[:3]}...)"
         )
-    loader = build_eval_loader(dataset, cfg.eval.batch_size, cfg.data.num_workers)
+    loader = build_eval_loader(dataset, cfg.eval.batch_size, cfg.data.num_workers, max_images=cfg.eval.max_images)
     metrics = evaluate(loaded.model, loader, dataset, loaded.device)
     metrics["iter"] = loaded.iteration
     print(format_metrics(metrics))
@@ -72,8 +76,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from robustdet.data import convert_to_coco
 
-    out = convert_to_coco(args.format, args.path, args.split, args.out)
-    print(f"wrote {out}")
+    image_root = convert_to_coco(args.format, args.path, args.split, args.out)
+    print(f"wrote {args.out}; its file_names are relative to {image_root}")
+    print(f"use it as: {{format: coco, path: {args.out}, image_root: {image_root}}}")
     return 0
 
 
@@ -158,9 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from robustdet.data import DatasetError
     from robustdet.engine.checkpoint import CheckpointError
-    from robustdet.engine.trainer import TrainingDiverged
+    from robustdet.engine.trainer import DistributedFailure, TrainingDiverged
 
-    return (ConfigError, DatasetError, CheckpointError, TrainingDiverged, FileNotFoundError)
+    return (ConfigError, DatasetError, CheckpointError, TrainingDiverged, DistributedFailure, FileNotFoundError)
+
+
+def _message(exc: BaseException) -> str:
+    """The error's own message; one re-raised from a DataLoader worker carries the worker's traceback
+    ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."): keep what follows
+    the traceback's last ``DatasetError: ``."""
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        marker = f"{type(exc).__name__}: "
+        if marker in text:
+            return text.rsplit(marker, 1)[1].strip()
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
-        print(f"robustdet: interrupted ({exc})", file=sys.stderr)
-        return 130
+        print(f"robustdet: interrupted ({exc or 'SIGINT'})", file=sys.stderr)
+        return int(getattr(exc, "exit_code", EXIT_SIGINT))
     except Exception as exc:
         if args.debug or not isinstance(exc, _known_errors()):
             raise
-        print(f"robustdet {args.command}: error: {exc}", file=sys.stderr)
+        print(f"robustdet {args.command}: error: {_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -152,6 +152,12 @@ class DataConfig(_Section):
     empty_images: Literal["keep", "skip"] = "keep"
     # Boxes that stick out of the image: clip them to it, or stop with an error naming the box.
     out_of_image: Literal["clip", "error"] = "clip"
+    # Read every image's header before training (coco and voc; yolo always does): non-image files,
+    # animated images and sizes that differ from the annotation stop the run before it starts.
+    verify_images: bool = True
+    # Training images that fail to decode mid-run (e.g. truncated files) are skipped, replaced by the
+    # next readable image, and reported; the run stops once more distinct images than this failed.
+    max_corrupt_images: int = Field(10, ge=0)
     num_workers: int = Field(2, ge=0)
 
 
@@ -184,6 +190,9 @@ class TrainConfig(_Section):
     num_threads: int | None = Field(None, ge=1)
     # how many non-finite steps in a row are skipped before the run stops
     max_nonfinite_steps: int = Field(5, ge=1)
+    # under torchrun: how long a collective waits for a rank that stopped answering before the run
+    # stops with an error (a rank that died is noticed at once)
+    dist_timeout_s: float = Field(300.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

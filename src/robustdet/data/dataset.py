@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -17,10 +18,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from robustdet.config import AugmentConfig, DataConfig, DatasetSource
-from robustdet.data.coco import DatasetError, coco_api, load_coco, validate_coco, write_json_atomic
+from robustdet.data.coco import DatasetError, ErrorList, coco_api, load_coco, validate_coco, write_json_atomic
 from robustdet.data.synthetic import load_synthetic
 from robustdet.data.voc import load_voc
-from robustdet.data.yolo import load_yolo
+from robustdet.data.yolo import header_size, load_yolo
 
 Target = dict[str, Any]
 Key = int | tuple[int, int]
@@ -28,6 +29,10 @@ Key = int | tuple[int, int]
 # Boxes may stick out of the image by this much (float rounding in exported labels, e.g. x + w =
 # 640.0001) before out_of_image="error" calls them wrong; they are clipped either way.
 OUT_OF_IMAGE_TOLERANCE = 0.5  # px
+
+# A training dataset with skip_corrupt replaces an image that fails to decode by the next one in index
+# order; this many failures in a row mean something is broken beyond single files.
+MAX_CORRUPT_IN_A_ROW = 16
 
 
 class ScaleJitter(v2.Transform):
@@ -89,6 +94,12 @@ def _decode_with_pil(path: str) -> torch.Tensor:
         return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
 
 
+def _decoder_message(exc: BaseException) -> str:
+    """The decoder's own words, without torchvision's C++ source location prefix."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"^[\w:<>~()]+, \S+:\d+, ", "", text)
+
+
 def read_image(path: str) -> torch.Tensor:
     """uint8 [3, H, W] RGB, EXIF orientation applied; DatasetError naming the file when undecodable."""
     try:
@@ -98,10 +109,49 @@ def read_image(path: str) -> torch.Tensor:
         try:
             image = _decode_with_pil(path)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            raise DatasetError(f"{path}: cannot decode the image ({first})") from None
+            raise DatasetError(f"{path}: cannot decode the image ({_decoder_message(first)})") from None
+    if image.dim() != 3 or image.shape[0] != 3:
+        # e.g. an animated GIF decodes to [frames, 3, H, W]
+        raise DatasetError(
+            f"{path}: decoded to shape {tuple(image.shape)}, expected one RGB image [3, H, W] "
+            "(an animated image? save its first frame as a still image)"
+        )
     if image.dtype != torch.uint8:  # 16-bit PNG
         image = F.to_dtype(image, torch.uint8, scale=True)
     return image
+
+
+def verify_image_headers(dataset: DetectionDataset) -> None:
+    """Read each image's header: non-image files, animated GIFs (they decode to several frames) and
+    sizes other than the annotated ones are reported together, naming the files, before training starts.
+
+    Cheap for JPEG (the header and EXIF block only); for PNG, Pillow reads the whole file looking for
+    EXIF, which also catches truncated PNGs.
+    """
+    errors = ErrorList()
+    for index in range(len(dataset)):
+        path = dataset.image_path(index)
+        try:
+            width, height = header_size(Path(path))
+            with Image.open(path) as im:
+                frames = im.n_frames if im.format == "GIF" else 1
+        except DatasetError as exc:
+            errors.add(f"{dataset.source}: {exc}")
+            continue
+        except (OSError, EOFError, SyntaxError, ValueError) as exc:
+            errors.add(f"{dataset.source}: {path}: cannot read the image header ({exc})")
+            continue
+        if frames > 1:
+            errors.add(f"{dataset.source}: {path}: an animated GIF with {frames} frames, expected a still image")
+            continue
+        annotated = dataset.annotated_size(index)
+        if (height, width) != annotated:
+            swapped = " (width and height swapped: EXIF orientation?)" if (width, height) == annotated else ""
+            errors.add(
+                f"{dataset.source}: {path}: the image is {width}x{height} but annotated as "
+                f"{annotated[1]}x{annotated[0]}{swapped}"
+            )
+    errors.raise_if_any()
 
 
 class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
@@ -125,10 +175,14 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
         out_of_image: Literal["clip", "error"] = "clip",
         source: str = "dataset",
         validate: bool = True,
+        skip_corrupt: bool = False,
     ) -> None:
         self.image_root = Path(image_root)
         self.train = train
         self.source = source
+        # replace an image that fails to decode by the next readable one, and say so in the target's
+        # "skipped" list of (path, reason), instead of raising (training only: see __getitem__)
+        self.skip_corrupt = skip_corrupt
         data = validate_coco(coco_dict, source, self.image_root) if validate else coco_dict
         data = self._apply_out_of_image(data, out_of_image)
 
@@ -201,6 +255,10 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
     def image_path(self, index: int) -> str:
         return self._files[index]
 
+    def annotated_size(self, index: int) -> tuple[int, int]:
+        """(height, width) as the annotation gives it."""
+        return self._sizes[index]
+
     def target(self, index: int, canvas_size: tuple[int, int] | None = None) -> Target:
         """The un-augmented target of ``index``, without reading the image."""
         lo, hi = int(self._offsets[index]), int(self._offsets[index + 1])
@@ -213,8 +271,7 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
             "image_id": self.image_ids[index],
         }
 
-    def __getitem__(self, key: Key) -> tuple[tv_tensors.Image, Target]:
-        index, sample_seed = key if isinstance(key, tuple) else (key, None)
+    def _read(self, index: int) -> torch.Tensor:
         path = self._files[index]
         image = read_image(path)
         size = (int(image.shape[-2]), int(image.shape[-1]))
@@ -226,7 +283,36 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
                 f"{path}: decoded size {size[1]}x{size[0]} differs from the annotated "
                 f"{self._sizes[index][1]}x{self._sizes[index][0]}{hint}"
             )
-        sample = (tv_tensors.Image(image), self.target(index, size))
+        return image
+
+    def _read_or_substitute(self, index: int) -> tuple[int, torch.Tensor, list[tuple[str, str]]]:
+        """(index actually read, its image, the corrupt images passed over as (path, reason)).
+
+        The substitute is the next index (cyclically) that decodes: a function of the files alone, so a
+        resumed run replaces exactly as the uninterrupted one did, in any worker process.
+        """
+        skipped: list[tuple[str, str]] = []
+        for step in range(min(len(self), MAX_CORRUPT_IN_A_ROW)):
+            current = (index + step) % len(self)
+            try:
+                return current, self._read(current), skipped
+            except DatasetError as exc:
+                if not self.skip_corrupt:
+                    raise
+                skipped.append((self._files[current], str(exc)))
+        raise DatasetError(
+            f"{self.source}: {len(skipped)} images in a row failed to decode, from {skipped[0][0]} on: "
+            f"{skipped[0][1]}"
+        )
+
+    def __getitem__(self, key: Key) -> tuple[tv_tensors.Image, Target]:
+        index, sample_seed = key if isinstance(key, tuple) else (key, None)
+        index, image, skipped = self._read_or_substitute(index)
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        target = self.target(index, size)
+        if skipped:
+            target["skipped"] = skipped
+        sample = (tv_tensors.Image(image), target)
         if self.transform is None:
             return sample
         if sample_seed is None:  # a plain index: the caller's RNG decides, as in torchvision
@@ -256,7 +342,7 @@ def build_dataset(source: DatasetSource, data_cfg: DataConfig, train: bool) -> D
     """Load ``source`` with the loader of its format and wrap it; ``train`` turns augmentation on."""
     split = source.split or ("train" if train else "val")
     data, image_root = LOADERS[source.format](source, data_cfg, split)
-    return DetectionDataset(
+    dataset = DetectionDataset(
         data,
         image_root,
         train=train,
@@ -265,7 +351,14 @@ def build_dataset(source: DatasetSource, data_cfg: DataConfig, train: bool) -> D
         out_of_image=data_cfg.out_of_image,
         source=source.path or f"synthetic {split}",
         validate=False,  # the loader just did
+        # training skips (and the trainer reports) images that fail to decode, up to
+        # data.max_corrupt_images; evaluation needs every image and stops naming the file
+        skip_corrupt=train,
     )
+    # yolo took its sizes from the headers; the synthetic images are generated here
+    if data_cfg.verify_images and source.format in ("coco", "voc"):
+        verify_image_headers(dataset)
+    return dataset
 
 
 def convert_to_coco(fmt: str, path: str | Path, split: str, out_json: str | Path) -> Path:

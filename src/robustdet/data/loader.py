@@ -9,6 +9,9 @@ from (seed, stream position), which alone decides the sample's augmentation (see
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -103,6 +106,52 @@ class InfiniteBatchSampler(Sampler[list[tuple[int, int]]]):
         return self.max_iter - self.start_iter
 
 
+# How long a data worker outlives a SIGTERM while its main process is alive (see ignore_stop_signals).
+WORKER_SIGTERM_GRACE_S = 10.0
+_worker_parent: int | None = None
+_worker_term_timer: threading.Timer | None = None
+
+
+def _worker_sigterm(signum: int, frame: Any) -> None:
+    global _worker_term_timer
+    if os.getppid() != _worker_parent:  # the main process is gone: nothing to wait for
+        os._exit(0)
+    if _worker_term_timer is None:
+        _worker_term_timer = threading.Timer(WORKER_SIGTERM_GRACE_S, os._exit, args=(0,))
+        _worker_term_timer.daemon = True
+        _worker_term_timer.start()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: SIGINT and SIGTERM are the main process's to handle.
+
+    Ctrl-C, and schedulers such as SLURM, signal the whole process group. A worker that died of it would
+    make the loader raise in the main process while that one finishes its step and saves a checkpoint.
+    So a worker ignores SIGINT, and outlives a SIGTERM by WORKER_SIGTERM_GRACE_S (enough to deliver the
+    batches the main process still needs), then exits with status 0 (which the loader does not treat as
+    a crash); the main process normally shuts it down before that.
+    """
+    global _worker_parent
+    _worker_parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+def shutdown_workers(loader_or_iterator: Any) -> None:
+    """Stop the worker processes of a DataLoader (its persistent iterator) or of a DataLoader iterator now.
+
+    Normally that happens when the iterator is garbage-collected. An exception's traceback can keep it
+    (the ``self`` of ``__next__``) alive until interpreter exit, where multiprocessing SIGTERMs the
+    workers and waits for them, and they outlive a SIGTERM by WORKER_SIGTERM_GRACE_S.
+    """
+    iterator = getattr(loader_or_iterator, "_iterator", loader_or_iterator)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+    if getattr(loader_or_iterator, "_iterator", None) is not None:
+        loader_or_iterator._iterator = None
+
+
 def collate(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
     """(list of images, list of targets): detectors take lists, as images differ in size."""
     return [sample[0] for sample in batch], [sample[1] for sample in batch]
@@ -121,8 +170,9 @@ def build_train_loader(
 ) -> DataLoader[Any]:
     """The training loader: batch ``i`` (from ``start_iter``) is the same whatever the number of workers.
 
-    No worker_init_fn is needed: each sample carries its own seed, so worker RNG states do not matter.
-    Starting the loader leaves the global torch RNG untouched.
+    No seeding worker_init_fn is needed: each sample carries its own seed, so worker RNG states do not
+    matter (the workers' init only leaves SIGINT/SIGTERM to the main process). Starting the loader leaves
+    the global torch RNG untouched.
     """
     sampler = InfiniteBatchSampler(
         len(dataset),  # type: ignore[arg-type]
@@ -140,6 +190,7 @@ def build_train_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals,
         # DataLoader draws its workers' base seed from this generator; without one it would take a
         # number from the global RNG each time an iterator starts, shifting the caller's stream
         generator=torch.Generator().manual_seed(hash63("robustdet.loader", seed)),
@@ -179,4 +230,5 @@ def build_eval_loader(
         num_workers=num_workers,
         drop_last=False,
         generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched, as in training
+        worker_init_fn=ignore_stop_signals,
     )

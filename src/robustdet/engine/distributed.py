@@ -53,6 +53,25 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """An error of a collective: another rank died, or stopped answering for ``train.dist_timeout_s``."""
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError)
+        and any(
+            k in str(exc)
+            for k in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "gloo")
+        )
+    )
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return t

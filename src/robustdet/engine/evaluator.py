@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
 
+from robustdet.data.loader import shutdown_workers
 from robustdet.engine import distributed as dist
 
 # COCOeval.stats, in its order.
@@ -75,8 +76,9 @@ def evaluate(
     model.eval()
     results: list[dict[str, Any]] = []
     image_ids: list[int] = []
+    batches = iter(loader)
     try:
-        for images, targets in loader:
+        for images, targets in batches:
             batch = [img.to(device, non_blocking=True).float().div_(255) for img in images]
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 dets = model(batch)
@@ -85,6 +87,7 @@ def evaluate(
             image_ids.extend(ids)
     finally:
         model.train(was_training)
+        shutdown_workers(batches)  # at once, also when an image fails (see shutdown_workers)
     gathered = dist.gather_objects((results, image_ids))
     metrics: dict[str, Any] | None = None
     if dist.is_main():

@@ -12,7 +12,7 @@ from torchvision.io import ImageReadMode, decode_image, write_png
 from torchvision.utils import draw_bounding_boxes
 
 from robustdet.config import Config, config_from_dict, merge_dicts, parse_overrides
-from robustdet.engine.checkpoint import load_checkpoint
+from robustdet.engine.checkpoint import CheckpointError, load_checkpoint
 from robustdet.engine.trainer import resolve_device
 from robustdet.models import build_model
 
@@ -30,6 +30,9 @@ class LoadedModel:
 def load_trained(checkpoint: str | Path, overrides: list[str] | None = None) -> LoadedModel:
     """The model of a checkpoint in eval mode, with the run's config (plus ``overrides``)."""
     state = load_checkpoint(checkpoint)
+    missing = [k for k in ("config", "model", "classes", "category_ids", "iteration") if k not in state]
+    if missing:
+        raise CheckpointError(f"{checkpoint}: not a robustdet checkpoint (no {', '.join(missing)})")
     raw = state["config"]
     if overrides:
         raw = merge_dicts(raw, parse_overrides(overrides))
@@ -37,7 +40,12 @@ def load_trained(checkpoint: str | Path, overrides: list[str] | None = None) -> 
     device = resolve_device(cfg.train.device)
     classes = list(state["classes"])
     model = build_model(cfg, len(classes))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{checkpoint}: its weights do not fit the model of its config ({str(exc).splitlines()[0]})"
+        ) from None
     model.to(device).eval()
     return LoadedModel(model, cfg, classes, list(state["category_ids"]), int(state["iteration"]), device)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import re
 import signal
 import sys
 import time
@@ -23,10 +25,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustdet.config import Config, WeightingConfig, config_from_dict, config_to_yaml
-from robustdet.data import DetectionDataset, build_dataset, build_eval_loader, build_train_loader
+from robustdet.config import Config, ConfigError, WeightingConfig, config_from_dict, config_to_yaml
+from robustdet.data import DatasetError, DetectionDataset, build_dataset, build_eval_loader, build_train_loader
+from robustdet.data.loader import shutdown_workers
 from robustdet.engine import distributed as dist
-from robustdet.engine.checkpoint import find_resumable, rng_state, save_checkpoint, set_rng_state
+from robustdet.engine.checkpoint import (
+    CheckpointError,
+    find_resumable,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from robustdet.engine.evaluator import evaluate, format_metrics
 from robustdet.engine.run_log import RunLog
 from robustdet.engine.schedule import build_scheduler
@@ -37,14 +46,35 @@ from robustdet.weighting import WEIGHTINGS, LevelWeighting
 CHECKPOINT_FORMAT = 1
 
 
+# Test-only hook: "RANK:ITER" makes that rank exit at once (os._exit(1), like a crash) when it starts
+# iteration ITER (1-based), to test how the other ranks and torchrun react (tests/test_robustness.py).
+TEST_DIE_ENV = "ROBUSTDET_TEST_DIE_AT_ITER"
+
+
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the message says where and what went bad."""
+
+
+class DistributedFailure(RuntimeError):
+    """Another rank died or stopped answering; the message names the last checkpoint to resume from."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped the run (after saving a checkpoint when the step allowed it)."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is available")
+            raise ConfigError("train.device=cuda but no CUDA device is available")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -103,6 +133,27 @@ class _Batch:
     images: list[torch.Tensor]
     targets: list[dict[str, Any]]
     image_ids: list[int]
+    skipped: list[tuple[str, str]]  # (path, reason) of corrupt images the dataset replaced
+
+
+def _parse_die_hook(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    rank_text, _, iter_text = value.partition(":")
+    return int(rank_text), int(iter_text)
+
+
+def _short_dist_message(exc: BaseException) -> str:
+    """gloo's first sentence, without its source location: e.g. 'Connection closed by peer [host]:port'."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ", 1)[0]
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class Trainer:
@@ -114,12 +165,22 @@ class Trainer:
         self.resume = resume
         self.console = console if console is not None else sys.stdout
         self._stop_signal: int | None = None
+        self._raise_on_signal = False
+        self._owns_group = False
+        self.rank, self.world = 0, 1
+        self.log: RunLog | None = None
+        self._finite_checks_before: bool | None = None
+        self._iter = 0
+        self._last_saved: int | None = None
+        self._log_var_out: set[str] = set()
+        self.corrupt_images: list[str] = []
+        self._die_at = _parse_die_hook(os.environ.get(TEST_DIE_ENV))
 
     # ----------------------------------------------------------------------------------------- setup
     def _setup(self) -> None:
         cfg = self.cfg
         self.device = resolve_device(cfg.train.device)
-        self._owns_group = dist.init_from_env(self.device.type)
+        self._owns_group = dist.init_from_env(self.device.type, cfg.train.dist_timeout_s)
         self.rank, self.world = dist.rank(), dist.world_size()
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
@@ -128,12 +189,15 @@ class Trainer:
         self.train_set: DetectionDataset = build_dataset(cfg.data.train, cfg.data, train=True)
         self.val_set: DetectionDataset = build_dataset(cfg.data.val, cfg.data, train=False)
         if self.val_set.classes != self.train_set.classes:
-            raise ValueError(
+            raise DatasetError(
                 "data.val has other classes than data.train: "
                 f"{self.val_set.classes[:5]}... vs {self.train_set.classes[:5]}..."
             )
 
-        model = build_model(cfg, self.train_set.num_classes).to(self.device)
+        try:
+            model = build_model(cfg, self.train_set.num_classes).to(self.device)
+        except ValueError as exc:  # the model's own checks of its config (e.g. loss.log_var_init keys)
+            raise ConfigError(f"model: {exc}") from exc
         self.level_names = level_names_of(model, cfg)
         self.weighting = build_weighting(cfg.weighting, len(self.level_names), cfg.seed).to(self.device)
         self.optimizer = build_optimizer(model, self.weighting, cfg)
@@ -143,12 +207,22 @@ class Trainer:
         self.nonfinite_total = 0
 
         ckpt_dir = self.out_dir / "checkpoints"
+        resumed_from: Path | None = None
         if self.resume:
-            found = find_resumable(ckpt_dir)
+            problems: list[str] = []
+            found = find_resumable(ckpt_dir, problems)
             if found is None:
                 raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
             path, state = found
-            self._restore(state)
+            for problem in problems:
+                self._warn(f"--resume: passed over {problem}")
+            self._restore(state, path)
+            if self.start_iter > cfg.train.max_iter:
+                raise ConfigError(
+                    f"--resume: {path} is at iteration {self.start_iter}, past train.max_iter={cfg.train.max_iter}"
+                )
+            resumed_from = path
+            self._last_saved = self.start_iter
             self._say(f"resumed from {path} at iteration {self.start_iter}")
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(
@@ -176,19 +250,42 @@ class Trainer:
             resume_from=self.start_iter if self.resume else None,
             tensorboard=cfg.log.tensorboard,
         )
+        if resumed_from is not None:
+            self.log.event(
+                {"iter": self.start_iter, "event": "resumed", "checkpoint": str(resumed_from), "passed_over": problems}
+            )
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        saved = config_from_dict(state["config"], "checkpoint config")
+    def _restore(self, state: dict[str, Any], path: Path) -> None:
+        missing = [
+            k for k in ("config", "model", "weighting", "optimizer", "scheduler", "iteration", "rng") if k not in state
+        ]
+        if missing:
+            raise CheckpointError(f"{path}: not a training checkpoint of robustdet (no {', '.join(missing)})")
+        saved = config_from_dict(state["config"], f"{path} config")
         if saved.model != self.cfg.model or saved.loss != self.cfg.loss:
-            raise ValueError("--resume: the checkpoint's model/loss config differs from this run's config")
-        self.model.load_state_dict(state["model"])
-        self.weighting.load_state_dict(state["weighting"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+            raise ConfigError(
+                f"--resume: the model/loss config of {path} differs from this run's config "
+                "(resume with the run's own config, e.g. its config.yaml)"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.weighting.load_state_dict(state["weighting"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: does not fit this run ({str(exc).splitlines()[0]})") from None
         self.start_iter = int(state["iteration"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.corrupt_images = [str(p) for p in state.get("corrupt_images", [])]
         rng = state["rng"]
-        set_rng_state(rng[self.rank] if isinstance(rng, list) else rng)
+        if isinstance(rng, list):
+            if len(rng) != self.world:
+                self._warn(
+                    f"--resume: {path} was written by {len(rng)} processes, this run has {self.world}: "
+                    "the data order and random streams differ from an uninterrupted run"
+                )
+            rng = rng[self.rank % len(rng)]
+        set_rng_state(rng)
 
     def _state(self, iteration: int) -> dict[str, Any]:
         return {
@@ -203,6 +300,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "nonfinite_total": self.nonfinite_total,
+            "corrupt_images": list(self.corrupt_images),
             # every rank's streams, so each rank resumes its own
             "rng": dist.gather_objects(rng_state()),
         }
@@ -212,10 +310,21 @@ class Trainer:
         if dist.is_main():
             save_checkpoint(state, self.out_dir / "checkpoints")
         dist.barrier()
+        self._last_saved = iteration
 
     def _say(self, msg: str) -> None:
         if dist.is_main():
             print(msg, file=self.console, flush=True)
+
+    def _warn(self, msg: str) -> None:
+        if dist.is_main():
+            print(f"robustdet: warning: {msg}", file=sys.stderr, flush=True)
+
+    def _last_checkpoint_text(self) -> str:
+        ckpt = self.out_dir / "checkpoints" / "last.pt"
+        if self._last_saved is None:
+            return f"no checkpoint was written yet (checkpoint.period={self.cfg.checkpoint.period})"
+        return f"the last checkpoint is {ckpt} (iteration {self._last_saved}); continue with --resume"
 
     # ------------------------------------------------------------------------------------------ loop
     def _to_device(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> _Batch:
@@ -225,7 +334,31 @@ class Trainer:
             {"boxes": t["boxes"].as_subclass(torch.Tensor).to(dev).float(), "labels": t["labels"].to(dev)}
             for t in targets
         ]
-        return _Batch(imgs, tgts, [int(t["image_id"]) for t in targets])
+        skipped = [(str(p), str(why)) for t in targets for p, why in t.get("skipped", ())]
+        return _Batch(imgs, tgts, [int(t["image_id"]) for t in targets], skipped)
+
+    def _note_corrupt(self, it: int, batch: _Batch) -> None:
+        """Record the images the dataset replaced (every rank's, gathered); stop past the allowed count."""
+        reports = [r for part in dist.gather_objects(batch.skipped) for r in part]
+        limit = self.cfg.data.max_corrupt_images
+        for path, why in reports:
+            if path not in self.corrupt_images:
+                self.corrupt_images.append(path)
+            count = len(self.corrupt_images)
+            assert self.log is not None
+            self.log.event(
+                {"iter": it + 1, "event": "corrupt_image_skipped", "image": path, "reason": why, "distinct": count}
+            )
+            self._warn(
+                f"iteration {it + 1}: skipped corrupt image {why}; the next readable image took its place "
+                f"({count} distinct corrupt images, data.max_corrupt_images={limit})"
+            )
+        if len(self.corrupt_images) > limit:
+            listed = ", ".join(self.corrupt_images[:10]) + (" ..." if len(self.corrupt_images) > 10 else "")
+            raise DatasetError(
+                f"iteration {it + 1}: {len(self.corrupt_images)} distinct training images failed to decode, "
+                f"more than data.max_corrupt_images={limit}: {listed}; {self._last_checkpoint_text()}"
+            )
 
     def _nonfinite_report(self, it: int, batch: _Batch, out: Any) -> str:
         bad = [
@@ -237,31 +370,59 @@ class Trainer:
             for lvl, v in zip(self.level_names, comp.float().tolist(), strict=True):
                 if not math.isfinite(v):
                     bad.append(f"{name}[{lvl}]={v:.4g}")
+        for name, comp in out.extra_components.items():  # losses outside the weighting (Faster R-CNN's RPN)
+            values = comp.detach().float().flatten().tolist()
+            if not all(math.isfinite(v) for v in values):
+                bad.append(f"{name}={values[0] if len(values) == 1 else values}")
+        if not bad and not math.isfinite(float(out.extra_loss)):
+            bad.append(f"extra_loss={float(out.extra_loss):.4g}")
         lv = getattr(_unwrap(self.model), "log_variances", None)
         if lv is not None:
             bad += [f"log_var_{k}={v:.4g}" for k, v in lv.as_dict().items() if not math.isfinite(v)]
         what = ", ".join(bad) or "gradient"
-        return f"iteration {it + 1}: non-finite {what} (images {batch.image_ids})"
+        local = f"non-finite {what} (images {batch.image_ids})"
+        # every rank takes this path together (the decision was all-reduced), so gathering is safe
+        parts = dist.gather_objects(local)
+        if len(parts) > 1:
+            local = "; ".join(f"rank {r}: {m}" for r, m in enumerate(parts))
+        return f"iteration {it + 1}: {local}"
 
     def _handle_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
+        if self._raise_on_signal:  # after the final checkpoint: nothing left to save
+            raise Interrupted(signum)
 
     def train(self) -> dict[str, Any] | None:
         """Run to ``train.max_iter`` (or from the checkpoint on), evaluate, return the final metrics."""
         cfg = self.cfg
-        self._setup()
-        if dist.is_main():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        old_handlers: dict[int, Any] = {}
+        failed = False
         try:
+            self._setup()
+            if dist.is_main():
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                _write_text_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
+            old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
             return self._loop()
+        except Exception as exc:
+            failed = True
+            if self.world > 1 and dist.is_peer_failure(exc):
+                first = _short_dist_message(exc)
+                raise DistributedFailure(
+                    f"rank {self.rank}: lost another rank at iteration {self._iter + 1} ({first}); "
+                    f"{self._last_checkpoint_text()}"
+                ) from exc
+            raise
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-            self.log.close()
-            set_finite_checks(self._finite_checks_before)
-            if self._owns_group:
+            shutdown_workers(getattr(self, "train_loader", None))
+            if self.log is not None:
+                self.log.close()
+            if self._finite_checks_before is not None:
+                set_finite_checks(self._finite_checks_before)
+            # after a failure a collective could wait on a dead rank: leave the group to the exit
+            if self._owns_group and not failed:
                 torch.distributed.destroy_process_group()
 
     def _loop(self) -> dict[str, Any] | None:
@@ -282,6 +443,10 @@ class Trainer:
         loader = iter(self.train_loader)
         it = self.start_iter
         for it in range(self.start_iter, max_iter):
+            self._iter = it
+            if self._die_at is not None and self._die_at == (self.rank, it + 1):
+                print(f"{TEST_DIE_ENV}: rank {self.rank} exits at iteration {it + 1}", file=sys.stderr, flush=True)
+                os._exit(1)
             images, targets = next(loader)
             batch = self._to_device(images, targets)
             with torch.autocast(
@@ -291,26 +456,61 @@ class Trainer:
             level_losses = out.level_losses.float()
             total = self.weighting.combine(level_losses) + out.extra_loss.float()
 
-            # decided on all ranks together: one rank skipping backward alone would hang the others
-            ok = dist.all_reduce_max(torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=self.device))
+            # One all-reduce decides, on every rank alike, whether the loss is finite, whether a signal
+            # asks to stop, and whether any rank replaced a corrupt image: one rank acting alone would
+            # leave the others waiting in a collective.
+            flags = dist.all_reduce_sum(
+                torch.tensor(
+                    [
+                        0.0 if torch.isfinite(total) else 1.0,
+                        0.0 if self._stop_signal is None else 1.0,
+                        float(len(batch.skipped)),
+                    ],
+                    device=self.device,
+                )
+            ).tolist()
+            nonfinite_loss, stop, any_skipped = flags[0] > 0, flags[1] > 0, flags[2] > 0
+            stop_signal = (self._stop_signal or signal.SIGTERM) if stop else None
+            if any_skipped:
+                self._note_corrupt(it, batch)
             grad_norm = math.nan
-            if ok.item() == 0.0:
+            if not nonfinite_loss:
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            done = it + 1
             if not math.isfinite(grad_norm):
                 bad_in_row += 1
                 self.nonfinite_total += 1
                 msg = self._nonfinite_report(it, batch, out)
-                self.log.event({"iter": it + 1, "event": "nonfinite_step_skipped", "detail": msg})
+                assert self.log is not None
+                self.log.event(
+                    {
+                        "iter": done,
+                        "event": "nonfinite_step_skipped",
+                        "detail": msg,
+                        "in_a_row": bad_in_row,
+                        "total": self.nonfinite_total,
+                    }
+                )
+                self._warn(
+                    f"{msg}: step skipped ({bad_in_row} in a row, train.max_nonfinite_steps="
+                    f"{cfg.train.max_nonfinite_steps})"
+                )
                 self.optimizer.zero_grad(set_to_none=True)
                 if bad_in_row >= cfg.train.max_nonfinite_steps:
                     raise TrainingDiverged(
                         f"{msg}; {bad_in_row} non-finite steps in a row (train.max_nonfinite_steps="
-                        f"{cfg.train.max_nonfinite_steps}); the last good checkpoint is in "
-                        f"{self.out_dir / 'checkpoints'}"
+                        f"{cfg.train.max_nonfinite_steps}); {self._last_checkpoint_text()}"
                     )
                 self.scheduler.step()
+                if stop_signal is not None:
+                    # no checkpoint of a state inside a run of bad steps: the last good one stays
+                    if pbar is not None:
+                        pbar.close()
+                    name = signal.Signals(stop_signal).name
+                    self._say(f"{name}: stopped at iteration {done} (a skipped step); {self._last_checkpoint_text()}")
+                    raise Interrupted(stop_signal)
                 continue
             bad_in_row = 0
             self.optimizer.step()
@@ -319,7 +519,6 @@ class Trainer:
             weights_used = self.weighting.weights.detach().cpu().tolist()
             self.weighting.step(level_losses.detach())
 
-            done = it + 1
             if done % cfg.log.period == 0 or done == max_iter:
                 self._log_step(done, lr, total, out, weights_used, grad_norm, time.perf_counter() - t0)
             if pbar is not None:
@@ -329,16 +528,22 @@ class Trainer:
                 self._save(done)
             if cfg.eval.period and done % cfg.eval.period == 0 and done < max_iter:
                 self._evaluate(done)
-            if self._stop_signal is not None:
-                self._save(done)
-                name = signal.Signals(self._stop_signal).name
-                self._say(f"{name}: saved a checkpoint at iteration {done}; resume with --resume")
+            if stop_signal is not None and done < max_iter:
+                if self._last_saved != done:
+                    self._save(done)
+                name = signal.Signals(stop_signal).name
+                self._say(f"{name}: saved a checkpoint at iteration {done}; continue with --resume")
                 if pbar is not None:
                     pbar.close()
-                raise KeyboardInterrupt(name)
+                raise Interrupted(stop_signal)
         if pbar is not None:
             pbar.close()
+        self._iter = max_iter
         self._save(max_iter)
+        # From here a signal stops at once: the final checkpoint is written, --resume only re-evaluates.
+        self._raise_on_signal = True
+        if self._stop_signal is not None:
+            raise Interrupted(self._stop_signal)
         metrics = self._evaluate(max_iter, final=True)
         return metrics
 
@@ -370,9 +575,32 @@ class Trainer:
             out_of_range = lv.out_of_range()
             if out_of_range:
                 rec["log_var_out_of_range"] = out_of_range
+            if set(out_of_range) - self._log_var_out:
+                low, high = lv.log_var_range
+                text = ", ".join(f"log_var_{k}={v:.4g}" for k, v in out_of_range.items())
+                assert self.log is not None
+                self.log.event({"iter": done, "event": "log_var_out_of_range", "log_vars": out_of_range})
+                self._warn(
+                    f"iteration {done}: {text} outside loss.log_var_range [{low:g}, {high:g}]; the loss uses "
+                    "the clamped value, which gets no gradient there"
+                )
+            self._log_var_out = set(out_of_range)
+        if self.nonfinite_total:
+            rec["nonfinite_skipped"] = self.nonfinite_total
+        if self.corrupt_images:
+            rec["corrupt_images_skipped"] = len(self.corrupt_images)
+        assert self.log is not None
         self.log.step(rec)
 
     def _evaluate(self, done: int, final: bool = False) -> dict[str, Any]:
+        # evaluation must not move any random stream: a resumed run does not repeat it
+        streams = rng_state()
+        try:
+            return self._evaluate_inner(done, final)
+        finally:
+            set_rng_state(streams)
+
+    def _evaluate_inner(self, done: int, final: bool) -> dict[str, Any]:
         cfg = self.cfg
         loader = build_eval_loader(
             self.val_set, cfg.eval.batch_size, cfg.data.num_workers, rank=self.rank, world_size=self.world,
@@ -380,6 +608,7 @@ class Trainer:
         )
         metrics = evaluate(_unwrap(self.model), loader, self.val_set, self.device, self.autocast_dtype)
         metrics["iter"] = done
+        assert self.log is not None
         self.log.metrics(done, metrics, final=final)
         self._say(f"[iter {done}] COCO bbox metrics (%):\n{format_metrics(metrics)}")
         return metrics
