@@ -123,6 +123,20 @@ def test_all_zero_window_keeps_weights_one() -> None:
     assert amplify_largest_loss([1.0, 0.0], [0.0, 0.0], (1.5, 1.0)) == [1.0, 1.0]
 
 
+def test_negative_bayesian_level_losses_keep_weights_in_one_to_one_plus_lambda() -> None:
+    # Bayesian per-level sums from a real run (s_cls < 0 makes the log σ terms negative):
+    # 𝓛 = (-1.3, 0.9, 0.6, -0.1). Positive parts (0, 0.9, 0.6, 0), Σ = 1.5.
+    sums = [-1.3, 0.9, 0.6, -0.1]
+    # a1: smallest 𝓛 → level 0 (λ 1.5): share 0 → 1.0; level 3 (λ 1.0): share 0 → 1.0
+    assert amplify_smallest_loss([0.0] * 4, sums, (1.5, 1.0)) == [1.0, 1.0, 1.0, 1.0]
+    # a2: largest 𝓛 → level 1 (λ 1.5): 1 + 1.5 · 0.9/1.5 = 1.9; level 2: 1 + 0.6/1.5 = 1.4
+    assert amplify_largest_loss([0.0] * 4, sums, (1.5, 1.0)) == pytest.approx([1.0, 1.9, 1.4, 1.0])
+    # the plain ratio would have given 1 + 1.5 · (-1.3)/0.1 = -18.5 for a1's level 0
+    assert amplify_smallest_loss([0.0] * 4, [-1.3, 0.5, 0.6, 0.3], (1.5, 1.0))[0] == 1.0
+    # no positive mass at all: nothing to amplify
+    assert amplify_largest_loss([0.0] * 2, [-1.0, -2.0], (1.5, 1.0)) == [1.0, 1.0]
+
+
 @pytest.mark.parametrize(
     ("action", "expected"),
     [

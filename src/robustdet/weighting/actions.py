@@ -25,14 +25,21 @@ def amplify(levels: tuple[int, int], sums: Sequence[float], lambdas: tuple[float
     """Eq. 5 (Luo et al.): w_j = 1 + λ_j · 𝓛_j / Σ_i 𝓛_i for the two selected levels, 1 elsewhere.
 
     ``levels[0]`` gets ``lambdas[0]`` (1.5 by default), ``levels[1]`` gets ``lambdas[1]`` (1.0).
-    A window whose losses sum to exactly 0 has no loss shares to amplify: all weights stay 1.
+
+    The share 𝓛_j / Σ_i 𝓛_i is taken over the positive parts, max(𝓛, 0): for the non-negative losses
+    the paper has in mind this is Eq. 5 exactly, and every weight stays in [1, 1 + λ]. The Bayesian
+    losses (Eq. 14, 16) contain log σ terms and go negative once σ < 1, and a per-level sum can then be
+    negative or the total near zero; the plain ratio would give negative or unbounded weights, i.e.
+    gradient ascent on a level (measured: w = −2.37 on P3 and a diverged run, docs/weighting.md). A window
+    without positive loss mass leaves all weights at 1.
     """
     weights = [1.0] * len(sums)
-    total = sum(sums)
-    if total == 0.0:
+    positive = [max(v, 0.0) for v in sums]
+    total = sum(positive)
+    if total <= 0.0:
         return weights
     for level, lam in zip(levels, lambdas, strict=True):
-        weights[level] = 1.0 + lam * sums[level] / total
+        weights[level] = 1.0 + lam * positive[level] / total
     return weights
 
 
