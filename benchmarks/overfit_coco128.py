@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--iters", type=int, default=400)
     ap.add_argument("--size", type=int, default=384, help="shorter image side")
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--method", default="baseline", choices=["baseline", "bayesian", "rlo", "bayesian_rlo"])
@@ -54,7 +55,7 @@ def main() -> None:
         "model.anchor_sizes=[32, 64, 128, 256, 512]",
         f"data.train={source}", f"data.val={source}", "data.empty_images=skip", "data.num_workers=2",
         "data.augment.hflip=false",
-        f"train.max_iter={args.iters}", "train.batch_size=8", f"train.device={args.device}",
+        f"train.max_iter={args.iters}", f"train.batch_size={args.batch}", f"train.device={args.device}",
         "train.optimizer.name=adamw", "train.optimizer.lr=0.0005", "train.optimizer.weight_decay=0.0",
         "train.schedule.name=cosine", "train.schedule.warmup_iters=50", "train.schedule.warmup_factor=0.01",
         "train.clip_grad_norm=10", "checkpoint.period=0", "log.period=20", "eval.batch_size=8",
@@ -68,7 +69,8 @@ def main() -> None:
     secs = time.perf_counter() - t0
     assert metrics is not None
     b = metrics["bbox"]
-    print(json.dumps({"images": args.images, "iters": args.iters, "size": args.size, "method": args.method,
+    print(json.dumps({"images": args.images, "iters": args.iters, "batch": args.batch, "size": args.size,
+                      "method": args.method,
                       "AP": round(b["AP"], 1), "AP50": round(b["AP50"], 1), "seconds": round(secs, 1)}))
 
 
