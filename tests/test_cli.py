@@ -114,3 +114,19 @@ def test_bad_override_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "weighting.intervall: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("bayesian", "weighting"), [("false", "equal"), ("true", "equal"), ("false", "avw"), ("false", "rlo")]
+)
+def test_retinanet_every_method_trains_and_logs_its_fields(tmp_path, bayesian, weighting):
+    # bayesian + rlo is the module's trained_run; the other four methods, two iterations each
+    run = tmp_path / "run"
+    extra = {"train.max_iter": 2, "loss.bayesian": bayesian, "weighting.name": weighting,
+             "weighting.interval": 2, "checkpoint.period": 0}
+    _train(tmp_path, run, extra)
+    last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert ("log_var_cls" in last) == (bayesian == "true")
+    assert ("rlo_probabilities" in last) == (weighting == "rlo")
+    assert all(v == v for v in last["level_losses"])  # finite, not NaN
+    assert (run / "metrics.json").exists()

@@ -84,3 +84,24 @@ def test_rng_state_round_trip_through_weights_only(tmp_path):
     torch.manual_seed(9)
     set_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_log_variances_get_their_own_group_without_weight_decay():
+    from robustdet.config import config_from_dict
+    from robustdet.engine.trainer import build_optimizer, build_weighting
+    from robustdet.models import build_model
+
+    cfg = config_from_dict({
+        "model": {"backbone": "resnet18", "fpn_channels": 16, "head_norm": "group_norm", "group_norm_groups": 4,
+                  "min_size": 64, "max_size": 64},
+        "loss": {"bayesian": True},
+        "train": {"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "log_var_lr": 1e-2}},
+    })
+    model = build_model(cfg, 3)
+    groups = {g["name"]: g for g in build_optimizer(model, build_weighting(cfg.weighting, 5, 0), cfg).param_groups}
+    assert set(groups) == {"model", "log_var"}
+    assert groups["model"]["weight_decay"] == 0.05
+    assert groups["log_var"]["weight_decay"] == 0.0 and groups["log_var"]["lr"] == 1e-2
+    log_vars = {id(p) for p in model.log_variances.parameters()}
+    assert {id(p) for p in groups["log_var"]["params"]} == log_vars and len(log_vars) == 2
+    assert not log_vars & {id(p) for p in groups["model"]["params"]}
