@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import OrderedDict
 from functools import partial
 
 import torch
@@ -151,27 +150,9 @@ class PerLevelFCOS(FCOS):
     _check_target_shapes = PerLevelRetinaNet._check_target_shapes
     _check_boxes = PerLevelRetinaNet._check_boxes
 
-    def forward(  # type: ignore[override]
-        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-    ) -> DetectorLosses | list[dict[str, Tensor]]:
-        """Training (targets needed): ``DetectorLosses``. Eval: per image ``{boxes, scores, labels}``."""
-        if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
-            self._check_target_shapes(targets, len(images))
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        image_list, targets = self.transform(images, targets if self.training else None)
-        features = self.backbone(image_list.tensors)
-        if isinstance(features, Tensor):
-            features = OrderedDict([("0", features)])
-        feature_list = list(features.values())
-        head_outputs = self.head(feature_list)
-        points, counts = self.batch_anchors(image_list, feature_list)
-        if self.training:
-            assert targets is not None
-            self._check_boxes(targets)
-            return self.compute_level_losses(targets, head_outputs, points, counts)
-        return self._detect(head_outputs, points, counts, image_list.image_sizes, original_sizes)
+    # the same steps as RetinaNet's (transform, backbone, head, shared points, loss or detections); the
+    # methods it calls (batch_anchors, compute_level_losses, _detect) are FCOS's own
+    forward = PerLevelRetinaNet.forward
 
     def point_ranges(self, counts: list[int], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """Each location's regression range (lower, upper) [A]: (m_i, m_{i+1}) of its level i."""
