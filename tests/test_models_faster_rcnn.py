@@ -489,3 +489,7 @@ def test_cli_train_eval_predict(method: str, tmp_path, synthetic_cache) -> None:
     assert main(["predict", ckpt, str(image), "--out", str(pred), "--score-thresh", "0"]) == 0
     detections = json.loads((pred / "predictions.json").read_text())[0]["detections"]
     assert detections and all(d["label"] for d in detections)
+    if method == "bayesian_rlo":
+        # the report plots the unweighted RPN levels too, on a symlog axis when Bayesian losses go negative
+        assert main(["report", str(run)]) == 0
+        assert (run / "report" / "rpn_losses.png").stat().st_size > 0

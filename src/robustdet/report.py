@@ -37,7 +37,12 @@ def _series_plot(
     ax.set_xlabel("iteration")
     ax.set_ylabel(ylabel)
     if logy:
-        ax.set_yscale("log")
+        # the Bayesian losses go negative once s < 0 (their log σ terms): a log axis would drop those points
+        positive = all(y > 0 for ys in series.values() for y in ys)
+        if positive:
+            ax.set_yscale("log")
+        else:
+            ax.set_yscale("symlog", linthresh=1e-2)
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
@@ -70,6 +75,13 @@ def make_report(run_dir: str | Path) -> list[Path]:
                      "loss weight per pyramid level (w_i)", "w_i"),
         _series_plot(out / "lr.png", iters, {"lr": [r["lr"] for r in records]}, "learning rate", "lr"),
     ]
+    if "rpn_cls" in records[-1]:
+        # Faster R-CNN: the RPN's per-level losses, logged but outside the weighting (Luo et al. omit the RPN)
+        rpn_levels = [f"P{k + 2}" for k in range(len(records[-1]["rpn_cls"]))]
+        rpn = {f"{part} {lvl}": [r[part][k] for r in records] for part in ("rpn_cls", "rpn_reg")
+               for k, lvl in enumerate(rpn_levels)}
+        files.append(_series_plot(out / "rpn_losses.png", iters, rpn, "RPN loss per anchor level (unweighted)",
+                                  "loss", logy=True))
     if "rlo_probabilities" in records[-1]:
         names = ("(AVW)", "(smallest L)", "(largest L)", "(equal)")
         probs = {

@@ -71,7 +71,7 @@ def predict(
         keep = det["scores"] >= score_thresh
         boxes, scores, labels = (det[k][keep].cpu() for k in ("boxes", "scores", "labels"))
         names = [f"{loaded.classes[int(lbl)]} {float(s):.2f}" for lbl, s in zip(labels, scores, strict=True)]
-        drawn = draw_bounding_boxes(img, boxes, labels=names, colors="red", width=2)
+        drawn = draw_bounding_boxes(img, boxes, labels=names, colors="red", width=2) if len(boxes) else img
         out_png = out_dir / f"{path.stem}.png"
         write_png(drawn, str(out_png))
         records.append(

@@ -9,7 +9,6 @@ every RNG, the iteration that fixes the data position) goes into each checkpoint
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -616,11 +615,3 @@ class Trainer:
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, Any] | None:
     return Trainer(cfg, out_dir, resume=resume).train()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
