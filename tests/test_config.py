@@ -54,6 +54,8 @@ def test_bad_values_name_the_key(override, names):
         (["weighting.p_min=0.8", "weighting.p_max=0.2"], "p_min"),
         (["loss.bayesian=true", "loss.box_loss=giou"], "GIoU has no Bayesian form"),
         (["loss.bayesian=true", "loss.beta=0"], "loss.beta must be > 0"),
+        # checked once here for every detector, not in each model
+        (["loss.bayesian=true", "loss.box_loss=l1"], "L1 has none; use loss.box_loss=smooth_l1"),
         (["model.fg_iou_thresh=0.3", "model.bg_iou_thresh=0.4"], "bg_iou_thresh"),
         (["train.max_iter=100", "train.schedule.steps=[50, 150]"], "train.schedule.steps"),
     ],

@@ -83,6 +83,11 @@ class LossConfig(_Section):
                 "loss.bayesian=true needs loss.box_loss l1 or smooth_l1: GIoU has no Bayesian form "
                 "(the Bayesian smooth L1, Eq. 14, is defined on box deltas)"
             )
+        if self.bayesian and self.box_loss == "l1":
+            raise ValueError(
+                "loss.bayesian=true with loss.box_loss=l1: the Bayesian smooth L1 (Eq. 14) needs a threshold "
+                "beta > 0 and L1 has none; use loss.box_loss=smooth_l1 with a small loss.beta (e.g. 0.1)"
+            )
         if self.bayesian and self.box_loss == "smooth_l1" and self.beta <= 0:
             raise ValueError("loss.beta must be > 0 with loss.bayesian=true (Eq. 14 divides by it)")
         if self.log_var_range is not None and self.log_var_range[0] >= self.log_var_range[1]:

@@ -108,11 +108,6 @@ class PerLevelFasterRCNN(FasterRCNN):
                 "anchor/proposal deltas with smooth L1; use loss.box_loss=smooth_l1 (loss.beta=0.1111111111111111 "
                 "is torchvision's 1/9) or l1"
             )
-        if loss.bayesian and loss.box_loss == "l1":
-            raise ValueError(
-                "loss.bayesian=true with loss.box_loss=l1: the Bayesian smooth L1 (Eq. 14) needs a threshold "
-                "beta > 0 and L1 has none; use loss.box_loss=smooth_l1 with loss.beta (torchvision's 1/9)"
-            )
         if loss.bayesian and log_variances is None:
             raise ValueError("loss.bayesian=true needs log_variances (rpn_cls, rpn_reg, roi_cls, roi_reg)")
         # +1: torchvision's box predictor has a background output at index 0

@@ -125,11 +125,6 @@ class PerLevelFCOS(FCOS):
         **fcos_kwargs: object,
     ) -> None:
         super().__init__(backbone, num_classes, **fcos_kwargs)
-        if loss.bayesian and loss.box_loss == "l1":
-            raise ValueError(
-                "loss.bayesian=true with loss.box_loss=l1: the Bayesian smooth L1 (Eq. 14) needs a threshold "
-                "beta > 0 and L1 has none; use loss.box_loss=smooth_l1 with a small loss.beta (e.g. 0.1)"
-            )
         if loss.bayesian and log_variances is None:
             raise ValueError("loss.bayesian=true needs log_variances (s_cls, s_reg)")
         if len(range_bounds) != len(level_names) + 1:
