@@ -264,6 +264,18 @@ def write_json_atomic(data: Any, out_path: str | Path) -> Path:
     return out_path
 
 
+def annotation_record(ann_id: int, image_id: int, label: int, bbox: list[float], iscrowd: int = 0) -> dict[str, Any]:
+    """One COCO annotation from a contiguous label 0..C-1 and an XYWH box (categories numbered 1..C)."""
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": label + 1,
+        "bbox": bbox,
+        "area": bbox[2] * bbox[3],
+        "iscrowd": iscrowd,
+    }
+
+
 def categories_from_names(names: Iterable[str]) -> list[dict[str, Any]]:
     """COCO categories with ids 1..C, so that sorted id order is the order of ``names``."""
     return [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(names)]

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from robustdet.config import SyntheticConfig
-from robustdet.data.coco import DatasetError, load_coco
+from robustdet.data.coco import DatasetError, annotation_record, load_coco
 
 # Bump whenever the generator's output changes, so old caches are not mistaken for new ones.
 VERSION = 2
@@ -223,16 +223,7 @@ def _generate_split(cfg: SyntheticConfig, split: str, count: int, folder: Path) 
             {"id": image_id, "file_name": file_name, "width": cfg.image_size, "height": cfg.image_size}
         )
         for cls, box in objects:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": cls + 1,
-                    "bbox": box,
-                    "area": box[2] * box[3],
-                    "iscrowd": 0,
-                }
-            )
+            annotations.append(annotation_record(len(annotations) + 1, image_id, cls, box, 0))
     return {
         "info": {
             "description": f"robustdet synthetic v{VERSION}",

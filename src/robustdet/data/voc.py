@@ -13,6 +13,7 @@ import defusedxml.ElementTree as SafeET
 from robustdet.data.coco import (
     DatasetError,
     ErrorList,
+    annotation_record,
     categories_from_names,
     check_image_file,
     check_image_root,
@@ -154,16 +155,7 @@ def load_voc(
             continue
         images.append({"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)})
         for cls, bbox, difficult in objects:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": cls + 1,
-                    "bbox": bbox,
-                    "area": bbox[2] * bbox[3],
-                    "iscrowd": difficult,
-                }
-            )
+            annotations.append(annotation_record(len(annotations) + 1, image_id, cls, bbox, difficult))
     errors.raise_if_any()
     data = {
         "info": {"description": f"converted by robustdet from {voc_root.name} split {split}"},

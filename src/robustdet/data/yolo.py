@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from robustdet.data.coco import (
     DatasetError,
     ErrorList,
+    annotation_record,
     categories_from_names,
     check_image_file,
     check_image_root,
@@ -179,16 +180,7 @@ def load_yolo(
             continue
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for cls, bbox in _parse_labels(_label_path(path, source), width, height, len(names), errors):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": cls + 1,
-                    "bbox": bbox,
-                    "area": bbox[2] * bbox[3],
-                    "iscrowd": 0,
-                }
-            )
+            annotations.append(annotation_record(len(annotations) + 1, image_id, cls, bbox, 0))
     errors.raise_if_any()
     data = {
         "info": {"description": f"converted by robustdet from {data_yaml.name} split {split}"},
