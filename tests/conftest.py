@@ -1,4 +1,5 @@
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,3 +38,14 @@ def tiny_overrides(tmp_path: Path, extra: dict[str, object] | None = None) -> li
     }
     base.update(extra or {})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Exact equality through nested dicts and lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b

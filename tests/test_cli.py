@@ -9,20 +9,9 @@ import pytest
 import torch
 
 from robustdet.cli import main
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, same_state, tiny_overrides
 
 CONFIG = str(REPO / "configs" / "default.yaml")
-
-
-def _same(a, b) -> bool:
-    """Exact equality through nested dicts and lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def _train(tmp_path, out, extra=None, *flags):
@@ -70,7 +59,7 @@ def test_resume_from_previous_checkpoint_is_bitwise_exact(trained_run):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     for key in ("weighting", "optimizer", "scheduler", "rng"):
-        assert _same(a[key], b[key]), key
+        assert same_state(a[key], b[key]), key
     log_a = (run / "log.jsonl").read_text().splitlines()
     log_b = (resumed / "log.jsonl").read_text().splitlines()
     strip = [{k: v for k, v in json.loads(x).items() if k != "time"} for x in log_a]

@@ -25,7 +25,7 @@ import torch
 import robustdet.engine.trainer as trainer_mod
 from robustdet.cli import main
 from robustdet.engine.checkpoint import TEST_DELAY_ENV, load_checkpoint
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, same_state, tiny_overrides
 from tests.test_bad_input import coco_overrides, make_coco, truncate, write_image
 
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -41,17 +41,6 @@ RESUME: dict[str, object] = {
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _same(a: Any, b: Any) -> bool:
-    """Exact equality through nested dicts and lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 def _records(path: Path, drop: tuple[str, ...] = ("time",)) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -65,7 +54,7 @@ def assert_same_run(run: Path, ref: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         if key != "config":  # data.num_workers may differ between the pieces of a run
-            assert _same(a[key], b[key]), key
+            assert same_state(a[key], b[key]), key
     assert any("log_variances" in k for k in b["model"])
     assert b["weighting"]["_extra_state"]["probabilities"] == a["weighting"]["_extra_state"]["probabilities"]
     assert _records(run / "log.jsonl") == _records(ref / "log.jsonl")
