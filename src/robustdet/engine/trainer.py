@@ -458,15 +458,12 @@ class Trainer:
             # One all-reduce decides, on every rank alike, whether the loss is finite, whether a signal
             # asks to stop, and whether any rank replaced a corrupt image: one rank acting alone would
             # leave the others waiting in a collective.
+            # built on the device, so this .tolist() is the step's one host sync before backward
+            host_flags = torch.tensor(
+                [0.0 if self._stop_signal is None else 1.0, float(len(batch.skipped))], device=self.device
+            )
             flags = dist.all_reduce_sum(
-                torch.tensor(
-                    [
-                        0.0 if torch.isfinite(total) else 1.0,
-                        0.0 if self._stop_signal is None else 1.0,
-                        float(len(batch.skipped)),
-                    ],
-                    device=self.device,
-                )
+                torch.cat([(~torch.isfinite(total.detach())).float().reshape(1), host_flags])
             ).tolist()
             nonfinite_loss, stop, any_skipped = flags[0] > 0, flags[1] > 0, flags[2] > 0
             stop_signal = (self._stop_signal or signal.SIGTERM) if stop else None
@@ -515,14 +512,17 @@ class Trainer:
             self.optimizer.step()
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
-            weights_used = self.weighting.weights.detach().cpu().tolist()
+            # the weights of this step, copied on the device: read back only when the step is logged
+            weights_used = self.weighting.weights.detach().clone()
             self.weighting.step(level_losses.detach())
 
-            if done % cfg.log.period == 0 or done == max_iter:
-                self._log_step(done, lr, total, out, weights_used, grad_norm, time.perf_counter() - t0)
+            log_now = done % cfg.log.period == 0 or done == max_iter
+            if log_now:
+                self._log_step(done, lr, total, out, weights_used.cpu().tolist(), grad_norm, time.perf_counter() - t0)
             if pbar is not None:
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{total.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+                if log_now:  # total.item() would be a host sync every step
+                    pbar.set_postfix(loss=f"{total.item():.3f}", lr=f"{lr:.2e}", refresh=False)
             if cfg.checkpoint.period and done % cfg.checkpoint.period == 0 and done < max_iter:
                 self._save(done)
             if cfg.eval.period and done % cfg.eval.period == 0 and done < max_iter:
