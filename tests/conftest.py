@@ -37,7 +37,7 @@ def tiny_overrides(tmp_path: Path, extra: dict[str, object] | None = None) -> li
         "checkpoint.period": 2,
     }
     base.update(extra or {})
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k}={v}" for k, v in base.items() if v is not None]  # None: leave the key out
 
 
 def same_state(a: Any, b: Any) -> bool:

@@ -11,7 +11,7 @@ from torchvision.models import mobilenet_v3_large, resnet18
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
-from robustdet.config import ModelConfig
+from robustdet.models import RetinaNetConfig as ModelConfig
 from robustdet.models.backbones import BACKBONES, PYRAMIDS, build_backbone, freeze_layers
 
 

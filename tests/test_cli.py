@@ -35,13 +35,15 @@ def test_train_writes_a_complete_run_directory(trained_run):
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records] == [1, 2, 3, 4, 5, 6]
     last = records[-1]
-    for key in ("iter", "lr", "loss", "level_losses", "level_weights", "rlo_probabilities", "rlo_action",
-                "log_var_cls", "log_var_reg"):
+    probabilities = [f"weighting/action_probability/{a}" for a in ("a0_avw", "a1_smallest_loss",
+                                                                     "a2_largest_loss", "a3_equal")]
+    for key in ("iter", "lr", "loss", "level_losses", "level_weights", "level_plain_losses", "weighting/action",
+                "weighting/variance_rate", "loss/log_var/cls", "loss/log_var/reg", "loss/sigma/cls", *probabilities):
         assert key in last, key
-    assert len(last["level_losses"]) == len(last["level_weights"]) == 5
-    assert sum(last["rlo_probabilities"]) == pytest.approx(1.0)
+    assert len(last["level_losses"]) == len(last["level_weights"]) == len(last["level_plain_losses"]) == 5
+    assert sum(last[k] for k in probabilities) == pytest.approx(1.0)
     # RLO with interval 2: the first window closes after iteration 2, so an action is in force by then
-    assert records[0]["rlo_action"] is None and last["rlo_action"] in (0, 1, 2, 3)
+    assert records[0]["weighting/action"] == -1 and last["weighting/action"] in (0, 1, 2, 3)
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
                                     "ARs", "ARm", "ARl"}
@@ -79,7 +81,8 @@ def test_eval_predict_report_compare(trained_run, tmp_path, capsys):
     preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert all(d["label"] for p in preds for d in p["detections"])
     assert main(["report", str(run)]) == 0
-    for name in ("loss.png", "level_losses.png", "level_weights.png", "rlo_probabilities.png", "sigma.png",
+    for name in ("loss.png", "level_losses.png", "level_weights.png", "weighting_action_probability.png",
+                 "loss_sigma.png", "loss_log_var.png", "weighting_variance_rate.png", "level_plain_losses.png",
                  "metrics.md"):
         assert (run / "report" / name).stat().st_size > 0, name
     capsys.readouterr()
@@ -112,10 +115,10 @@ def test_retinanet_every_method_trains_and_logs_its_fields(tmp_path, bayesian, w
     # bayesian + rlo is the module's trained_run; the other four methods, two iterations each
     run = tmp_path / "run"
     extra = {"train.max_iter": 2, "loss.bayesian": bayesian, "weighting.name": weighting,
-             "weighting.interval": 2, "checkpoint.period": 0}
+             "weighting.interval": None if weighting == "equal" else 2, "checkpoint.period": 0}
     _train(tmp_path, run, extra)
     last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
-    assert ("log_var_cls" in last) == (bayesian == "true")
-    assert ("rlo_probabilities" in last) == (weighting == "rlo")
+    assert ("loss/log_var/cls" in last) == (bayesian == "true")
+    assert ("weighting/action" in last) == (weighting == "rlo")
     assert all(v == v for v in last["level_losses"])  # finite, not NaN
     assert (run / "metrics.json").exists()

@@ -51,7 +51,7 @@ def test_bad_values_name_the_key(override, names):
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        (["weighting.p_min=0.8", "weighting.p_max=0.2"], "p_min"),
+        (["weighting.name=rlo", "weighting.p_min=0.8", "weighting.p_max=0.2"], "p_min must not exceed"),
         (["loss.bayesian=true", "loss.box_loss=giou"], "GIoU has no Bayesian form"),
         (["loss.bayesian=true", "loss.beta=0"], "loss.beta must be > 0"),
         # checked once here for every detector, not in each model
@@ -104,3 +104,58 @@ def test_base_files_merge_underneath(tmp_path):
     (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
         load_config(tmp_path / "loop.yaml")
+
+
+# --- components own their sections ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name=faster_rcnn", "model.fg_iou_thresh=0.6"],
+         "model.fg_iou_thresh: unknown key for model name=faster_rcnn"),
+        (["weighting.name=equal", "weighting.interval=5"], "weighting.interval: unknown key for weighting name=equal"),
+        (["weighting.name=uw", "weighting.lambdas=[1, 1]"], "weighting.lambdas: unknown key for weighting name=uw"),
+        (["data.train.format=synthetic", "data.train.path=x.json"],
+         "data.train.path: unknown key for data.train format=synthetic"),
+        (["weighting.name=nope"], "weighting: Input tag 'nope' found using 'name' is not one of"),
+        (["model.name=fcos", "model.anchor_sizes=[32, 64, 128, 256, 512]"],
+         "model.regression_ranges, the boundaries between levels, i.e. the old anchor_sizes[1:] [64, 128, 256, 512]"),
+    ],
+)
+def test_a_key_the_component_does_not_use_names_key_and_component(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_switching_a_component_drops_the_old_components_keys(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        "weighting: {name: rlo, interval: 50, rl_step: 0.02}\nmodel: {name: retinanet, fg_iou_thresh: 0.6}\n"
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text("_base_: base.yaml\nweighting: {name: dwa}\nmodel: {name: fcos}\n")
+    cfg = load_config(child)
+    # interval is DWA's too and stays; rl_step (RLO's) and fg_iou_thresh (RetinaNet's) go with their component
+    assert cfg.weighting.name == "dwa" and cfg.weighting.interval == 50
+    assert cfg.model.name == "fcos"
+    assert load_config(base, ["weighting.name=equal"]).weighting.name == "equal"
+    with pytest.raises(ConfigError, match=r"weighting\.rl_step: unknown key for weighting name=equal"):
+        load_config(base, ["weighting.name=equal", "weighting.rl_step=0.1"])
+
+
+def test_stored_configs_of_older_runs_still_load():
+    # a resolved config as robustdet wrote it when model and weighting were one flat section each
+    old = {
+        "model": {"name": "fcos", "anchor_sizes": [8, 16, 32, 64, 128], "fg_iou_thresh": 0.5, "topk_candidates": 10},
+        "weighting": {"name": "equal", "interval": 100, "lambdas": [1.5, 1.0], "rl_step": 0.01},
+    }
+    from robustdet.config import config_from_stored
+
+    cfg = config_from_stored(old, "old run")
+    assert cfg.model.regression_ranges == [16, 32, 64, 128] and cfg.model.topk_candidates == 10
+    assert cfg.weighting.name == "equal"
+    with pytest.raises(ConfigError, match=r"model\.scoer_thresh: unknown key"):
+        config_from_stored(old, "old run", ["model.scoer_thresh=0.1"])

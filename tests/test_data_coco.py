@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from robustdet.config import DataConfig, DatasetSource
-from robustdet.data import DatasetError, DetectionDataset, build_dataset, load_coco
+from robustdet.data import DataConfig, DatasetError, DetectionDataset, build_dataset, load_coco, parse_source
 from robustdet.data.yolo import header_size
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
@@ -269,7 +268,7 @@ def test_empty_images_keep_or_skip(tiny: Path) -> None:
 @needs_coco128
 def test_coco128_train_json() -> None:
     raw = json.loads(TRAIN_JSON.read_text())
-    source = DatasetSource(format="coco", path=str(TRAIN_JSON), image_root=str(TRAIN_IMAGES))
+    source = parse_source({"format": "coco", "path": str(TRAIN_JSON), "image_root": str(TRAIN_IMAGES)})
     ds = build_dataset(source, DataConfig(), train=False)
     assert len(ds) == 128 and ds.num_classes == 80
     assert ds.category_ids == sorted(c["id"] for c in raw["categories"]) and ds.category_ids[-1] == 90

@@ -10,9 +10,9 @@ import torch
 import yaml
 from PIL import Image
 
-from robustdet.config import DataConfig, DatasetSource
 from robustdet.data import (
     VOC_CLASSES,
+    DataConfig,
     DatasetError,
     DetectionDataset,
     build_dataset,
@@ -20,6 +20,7 @@ from robustdet.data import (
     load_coco,
     load_voc,
     load_yolo,
+    parse_source,
 )
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
@@ -143,7 +144,7 @@ def test_convert_yolo_to_coco_roundtrip(tmp_path: Path) -> None:
 @pytest.mark.coco128
 @needs_coco128
 def test_coco128_val_yolo_and_convert(tmp_path: Path) -> None:
-    source = DatasetSource(format="yolo", path=str(COCO128 / "data.yaml"), split="val")
+    source = parse_source({"format": "yolo", "path": str(COCO128 / "data.yaml"), "split": "val"})
     ds = build_dataset(source, DataConfig(), train=False)
     assert len(ds) == 128
     train = json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text())
@@ -195,7 +196,7 @@ def test_tiny_voc(tmp_path: Path) -> None:
     assert anns[0]["category_id"] == VOC_CLASSES.index("dog") + 1 and anns[0]["iscrowd"] == 0
     assert anns[1]["bbox"] == [10.0, 4.0, 40.0, 36.0] and anns[1]["iscrowd"] == 1  # difficult
     ds = build_dataset(
-        DatasetSource(format="voc", path=str(tmp_path / "VOC2012"), split="train"), DataConfig(), True
+        parse_source({"format": "voc", "path": str(tmp_path / "VOC2012"), "split": "train"}), DataConfig(), True
     )
     _, target = ds[(0, 7)]
     assert target["labels"].tolist() == [VOC_CLASSES.index("dog")]  # the difficult person is not trained on

@@ -11,7 +11,7 @@ from robustdet.losses import LogVariances, bayesian_focal_loss, bayesian_smooth_
 
 
 def test_paper_defaults_and_parameters():
-    lv = LogVariances()
+    lv = LogVariances({"reg": 1.0, "cls": 0.0})
     assert lv.names == ("reg", "cls")
     assert lv.as_dict() == {"reg": 1.0, "cls": 0.0}
     params = dict(lv.named_parameters())
@@ -32,7 +32,7 @@ def test_custom_tasks_and_unknown_name():
 
 
 def test_gradients_flow_from_both_losses():
-    lv = LogVariances()
+    lv = LogVariances({"reg": 1.0, "cls": 0.0})
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(20, 3, generator=g)
     targets = (torch.rand(20, 3, generator=g) < 0.2).float()
@@ -70,9 +70,9 @@ def test_range_clamps_and_stops_the_gradient_outside():
 
 def test_invalid_construction_raises():
     with pytest.raises(ValueError, match="low < high"):
-        LogVariances(log_var_range=(1.0, 1.0))
+        LogVariances({"reg": 1.0}, log_var_range=(1.0, 1.0))
     with pytest.raises(ValueError, match="low < high"):
-        LogVariances(log_var_range=(-math.inf, 2.0))
+        LogVariances({"reg": 1.0}, log_var_range=(-math.inf, 2.0))
     with pytest.raises(ValueError, match="outside log_var_range"):
         LogVariances({"reg": 4.0}, log_var_range=(-1.0, 3.0))
     with pytest.raises(ValueError, match="must be finite"):
@@ -84,13 +84,13 @@ def test_invalid_construction_raises():
 
 
 def test_state_dict_round_trip_and_optimizer_step():
-    lv = LogVariances()
+    lv = LogVariances({"reg": 1.0, "cls": 0.0})
     opt = torch.optim.SGD(lv.parameters(), lr=0.1)
     # Bayesian L2 region only: d/ds [ε²/(2σ²) + s/2] = 0.5 − ε²·e^(−s)/2 > 0 for ε = 0.01, so s decreases
     err = torch.full((4,), 0.01)
     bayesian_smooth_l1_loss(err, torch.zeros(4), lv["reg"], reduction="mean").backward()
     opt.step()
     assert lv.as_dict()["reg"] < 1.0
-    fresh = LogVariances()
+    fresh = LogVariances({"reg": 1.0, "cls": 0.0})
     fresh.load_state_dict(lv.state_dict())
     assert fresh.as_dict() == lv.as_dict()

@@ -18,8 +18,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 import robustdet.models.faster_rcnn as frcnn_module
 from robustdet.cli import main
-from robustdet.config import Config, config_from_dict, default_log_var_init, load_config
-from robustdet.models import DETECTORS, DetectorLosses, PerLevelFasterRCNN, build_faster_rcnn, build_model
+from robustdet.config import Config, config_from_dict, load_config
+from robustdet.models import DETECTORS, DetectorLosses, PerLevelFasterRCNN, build_model
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import build_backbone
 from robustdet.models.faster_rcnn import canonical_scale, sum_by_level
@@ -388,14 +388,14 @@ def test_bayesian_gradients_reach_all_four_log_variances() -> None:
 def test_log_variances_only_when_bayesian() -> None:
     assert build_model(tiny_cfg(), NUM_CLASSES).log_variances is None
     lv = build_model(tiny_cfg(bayesian=True), NUM_CLASSES).log_variances
-    assert lv is not None and lv.as_dict() == default_log_var_init("faster_rcnn")
+    assert lv is not None and lv.as_dict() == PerLevelFasterRCNN.loss_tasks
 
 
 # --- building and errors -----------------------------------------------------------------------------
 
 
 def test_registered_and_built_from_the_config() -> None:
-    assert DETECTORS["faster_rcnn"] is build_faster_rcnn
+    assert DETECTORS["faster_rcnn"] is PerLevelFasterRCNN
     plain = build_model(tiny_cfg(), NUM_CLASSES)
     assert isinstance(plain.roi_heads.box_head, TwoMLPHead)
     assert plain.roi_heads.box_predictor.cls_score.out_features == NUM_CLASSES + 1  # + background
@@ -415,9 +415,8 @@ def test_unavailable_settings_are_clear_errors() -> None:
     with pytest.raises(ValueError, match=r"box_loss=l1.*smooth_l1"):
         build_model(tiny_cfg(bayesian=True, box_loss="l1"), NUM_CLASSES)
     cfg = tiny_cfg()
-    cfg.model.anchor_sizes = [32.0, 64.0, 128.0, 256.0]
-    with pytest.raises(ValueError, match=r"model\.anchor_sizes needs one size per level \['P2'"):
-        build_model(cfg, NUM_CLASSES)
+    with pytest.raises(ValueError, match=r"model\.anchor_sizes needs one anchor size per level \(5\)"):
+        cfg.model.anchor_sizes = [32.0, 64.0, 128.0, 256.0]
     with pytest.raises(ValueError, match=r"needs exactly the keys \['roi_cls', 'roi_reg', 'rpn_cls', 'rpn_reg'\]"):
         build_model(tiny_cfg(bayesian=True, log_var_init={"cls": 0.0, "reg": 1.0}), NUM_CLASSES)
 
@@ -464,7 +463,7 @@ def test_cli_train_eval_predict(method: str, tmp_path, synthetic_cache) -> None:
         "data.synthetic.cache_dir": str(synthetic_cache),
         "loss.bayesian": bayesian,
         "weighting.name": weighting,
-        "weighting.interval": 2,
+        "weighting.interval": 2 if weighting != "equal" else None,
         # AVW and RLO close their first window (interval 2) after iteration 2; one is enough otherwise
         "train.max_iter": 2 if weighting != "equal" else 1,
         "checkpoint.period": 0,
@@ -477,10 +476,10 @@ def test_cli_train_eval_predict(method: str, tmp_path, synthetic_cache) -> None:
     assert last["level_names"] == ["P2", "P3", "P4", "P5"] and len(last["level_weights"]) == 4
     assert len(last["level_roi_cls"]) == len(last["level_roi_reg"]) == 4
     assert len(last["rpn_cls"]) == len(last["rpn_reg"]) == 5
-    log_vars = {f"log_var_{k}" for k in default_log_var_init("faster_rcnn")}
-    assert log_vars <= set(last) if bayesian else not any(k.startswith("log_var_") for k in last)
+    log_vars = {f"loss/log_var/{k}" for k in PerLevelFasterRCNN.loss_tasks}
+    assert log_vars <= set(last) if bayesian else not any(k.startswith("loss/log_var/") for k in last)
     if weighting == "rlo":
-        assert last["rlo_action"] in (0, 1, 2, 3)
+        assert last["weighting/action"] in (0, 1, 2, 3)
     ckpt = str(run / "checkpoints" / "last.pt")
     assert main(["eval", ckpt, "--out", str(tmp_path / "m.json")]) == 0
     assert "AP50" in json.loads((tmp_path / "m.json").read_text())["bbox"]

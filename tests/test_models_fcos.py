@@ -39,8 +39,8 @@ def tiny_cfg(anchor_sizes: list[float] | None = None, **loss: object) -> Config:
         "min_size": 160,
         "max_size": 192,
     }
-    if anchor_sizes is not None:
-        model["anchor_sizes"] = anchor_sizes
+    if anchor_sizes is not None:  # the lower ends of the ranges: the boundaries are anchor_sizes[1:]
+        model["regression_ranges"] = anchor_sizes[1:]
     return config_from_dict({"model": model, "loss": {"box_loss": "giou", "normalization": "per_batch", **loss}})
 
 
@@ -244,11 +244,11 @@ def test_assignment_equals_torchvision(seed: int) -> None:
 
 def test_range_bounds() -> None:
     # the defaults are torchvision's 4x and 8x the point size (8, ..., 128), open-ended at both ends
-    assert fcos_range_bounds([32, 64, 128, 256, 512]) == [0, 64, 128, 256, 512, math.inf]
+    assert fcos_range_bounds([64, 128, 256, 512]) == [0, 64, 128, 256, 512, math.inf]
     assert build(tiny_cfg(SMALL_SIZES)).range_bounds == [0, 16, 24, 40, 56, math.inf]
     with pytest.raises(ValueError, match="increasing"):
         build_model(tiny_cfg([8, 16, 16, 64, 128]), NUM_CLASSES)
-    with pytest.raises(ValueError, match="one size per level"):
+    with pytest.raises(ValueError, match="one bound per level"):
         build_model(tiny_cfg([8, 16, 32]), NUM_CLASSES)
 
 
@@ -442,6 +442,7 @@ def test_cli_train_eval_predict(method: str, tmp_path: Path, synthetic_cache: Pa
         "model.name": "fcos",
         "model.min_size": 64,
         "model.max_size": 64,
+        "model.anchor_sizes": None,  # FCOS has regression ranges (fcos_synthetic.yaml's), no anchors
         "data.synthetic.cache_dir": str(synthetic_cache),
         "data.synthetic.num_val": 3,
         "train.max_iter": 2,
@@ -455,7 +456,7 @@ def test_cli_train_eval_predict(method: str, tmp_path: Path, synthetic_cache: Pa
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and len(r["level_losses"]) == 5 for r in records)
-    assert ("log_var_cls" in records[-1]) == ("bayesian" in method)
+    assert ("loss/log_var/cls" in records[-1]) == ("bayesian" in method)
     ckpt = str(run / "checkpoints" / "last.pt")
     assert main(["eval", ckpt, "--out", str(tmp_path / "m.json")]) == 0
     assert "AP" in json.loads((tmp_path / "m.json").read_text())["bbox"]

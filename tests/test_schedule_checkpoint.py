@@ -88,8 +88,9 @@ def test_rng_state_round_trip_through_weights_only(tmp_path):
 
 def test_log_variances_get_their_own_group_without_weight_decay():
     from robustdet.config import config_from_dict
-    from robustdet.engine.trainer import build_optimizer, build_weighting
+    from robustdet.engine.trainer import build_optimizer
     from robustdet.models import build_model
+    from robustdet.weighting import build_weighting
 
     cfg = config_from_dict({
         "model": {"backbone": "resnet18", "fpn_channels": 16, "head_norm": "group_norm", "group_norm_groups": 4,

@@ -14,9 +14,11 @@ from robustdet.weighting import (
     ACTIONS,
     WEIGHTINGS,
     AdaptiveVarianceWeighting,
+    DynamicWeightAverage,
     EqualWeighting,
     LevelWeighting,
     ReinforcementLearningOptimization,
+    UncertaintyWeighting,
     amplify_largest_loss,
     amplify_largest_rate,
     amplify_smallest_loss,
@@ -124,6 +126,7 @@ def test_all_zero_window_keeps_weights_one() -> None:
 
 
 def test_negative_bayesian_level_losses_keep_weights_in_one_to_one_plus_lambda() -> None:
+    # only reachable with weighting.measure=trained: the default measure (plain losses) is never negative
     # Bayesian per-level sums from a real run (s_cls < 0 makes the log σ terms negative):
     # 𝓛 = (-1.3, 0.9, 0.6, -0.1). Positive parts (0, 0.9, 0.6, 0), Σ = 1.5.
     sums = [-1.3, 0.9, 0.6, -0.1]
@@ -349,16 +352,16 @@ def test_combine_is_the_weighted_sum_and_its_gradient_is_the_weights(kind: str) 
 
 def test_log_fields() -> None:
     rlo = ReinforcementLearningOptimization(3, interval=2)
-    assert rlo.log_fields() == {
-        "level_weights": [1.0, 1.0, 1.0],
-        "rlo_probabilities": [0.25] * 4,
-        "rlo_action": None,
-    }
+    probabilities = {f"action_probability/{n}": 0.25 for n in ("a0_avw", "a1_smallest_loss", "a2_largest_loss",
+                                                               "a3_equal")}
+    assert rlo.log_fields() == {**probabilities, "action": -1}
     feed(rlo, [[1.0, 2.0, 3.0], [2.0, 2.0, 2.0]])
     fields = json.loads(json.dumps(rlo.log_fields()))
-    assert fields["rlo_action"] in range(4)
-    assert AdaptiveVarianceWeighting(2).log_fields() == {"level_weights": [1.0, 1.0]}
-    assert EqualWeighting(2).log_fields() == {"level_weights": [1.0, 1.0]}
+    assert fields["action"] in range(4)
+    # r_i of the window (Eq. 4) with Var^prev = 1: Var = (0.5, 0, 0.5) → r = (0.5, 1, 0.5)/(1 + 1e-5)
+    assert_close(fields["variance_rate"], [0.5 / (1 + 1e-5), 1 / (1 + 1e-5), 0.5 / (1 + 1e-5)], tol=1e-12)
+    assert AdaptiveVarianceWeighting(2).log_fields() == {}
+    assert EqualWeighting(2).log_fields() == {}
 
 
 def test_weightings_table() -> None:
@@ -366,7 +369,11 @@ def test_weightings_table() -> None:
         "equal": EqualWeighting,
         "avw": AdaptiveVarianceWeighting,
         "rlo": ReinforcementLearningOptimization,
+        "uw": UncertaintyWeighting,
+        "dwa": DynamicWeightAverage,
     }
+    for name, cls in WEIGHTINGS.items():
+        assert cls.section.model_fields["name"].default == name
 
 
 @pytest.mark.parametrize(

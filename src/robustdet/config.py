@@ -1,7 +1,10 @@
 """The typed run configuration: YAML in, validated pydantic models out.
 
-Every section forbids unknown keys, so a typo such as ``weighting.intervall`` is an error that names the
-key instead of a silently ignored setting. ``load_config`` applies dotted ``KEY=VALUE`` overrides (values
+Components own their sections: each detector (``models/``), weighting (``weighting/``) and dataset format
+(``data/``) declares the keys it reads, and this module assembles them. ``model`` and ``weighting`` are
+unions keyed on ``name`` (``data.train`` / ``data.val`` on ``format``), so a key the chosen component does
+not use is an error naming the key and the component. Every section forbids unknown keys, so a typo such
+as ``weighting.intervall`` is an error too. ``load_config`` applies dotted ``KEY=VALUE`` overrides (values
 parsed as YAML scalars) before validation, so an override gets the same checks as the file.
 """
 
@@ -11,162 +14,32 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, DatasetSource, SyntheticConfig
+from robustdet.losses.config import LossConfig
+from robustdet.models.build import DETECTORS
+from robustdet.section import ConfigError, Section, tagged_union
+from robustdet.weighting import WEIGHTINGS
+
+# The unions keyed on ``name``: each member is the component's own section, found through the one table of
+# its kind (models/build.py DETECTORS, weighting/__init__.py WEIGHTINGS). pydantic reports a key the
+# chosen component does not declare against that component.
+ModelConfig = tagged_union((d.section for d in DETECTORS.values()), "name")
+WeightingConfig = tagged_union((w.section for w in WEIGHTINGS.values()), "name")
+# section key -> (the table whose member its ``name`` / ``format`` picks, the discriminator, the default)
+_MODEL_SECTIONS: dict[str, type[Section]] = {name: d.section for name, d in DETECTORS.items()}
+_WEIGHTING_SECTIONS: dict[str, type[Section]] = {name: w.section for name, w in WEIGHTINGS.items()}
+_FORMAT_SECTIONS: dict[str, type[Section]] = dict(FORMATS)
+SWITCHED = {
+    ("model",): (_MODEL_SECTIONS, "name", "retinanet"),
+    ("weighting",): (_WEIGHTING_SECTIONS, "name", "equal"),
+    ("data", "train"): (_FORMAT_SECTIONS, "format", "synthetic"),
+    ("data", "val"): (_FORMAT_SECTIONS, "format", "synthetic"),
+}
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be run; the message names the file and the key."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
-
-
-class ModelConfig(_Section):
-    name: Literal["retinanet", "fcos", "faster_rcnn"] = "retinanet"
-    backbone: BackboneName = "resnet50"
-    # None (random init, the default and what every test uses), a local .pth file, or a torchvision
-    # weights enum name such as "ResNet50_Weights.IMAGENET1K_V1" (downloads on a user's machine).
-    backbone_weights: str | None = None
-    trainable_backbone_layers: int = Field(5, ge=0, le=6)
-    fpn_channels: int = Field(256, ge=8)
-    head_norm: Literal["none", "group_norm"] = "none"
-    group_norm_groups: int = Field(32, ge=1)
-    # GeneralizedRCNNTransform: shorter side resized to min_size, longer side capped at max_size.
-    min_size: int = Field(800, ge=16)
-    max_size: int = Field(1333, ge=16)
-    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # Anchors: one base size per pyramid level (P3-P7 for RetinaNet), times octave scales and ratios.
-    anchor_sizes: list[float] = Field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])
-    anchor_scales: list[float] = Field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
-    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
-    fg_iou_thresh: float = Field(0.5, gt=0, le=1)
-    bg_iou_thresh: float = Field(0.4, ge=0, le=1)
-    score_thresh: float = Field(0.05, ge=0, le=1)
-    nms_thresh: float = Field(0.5, gt=0, le=1)
-    detections_per_img: int = Field(100, ge=1)
-    topk_candidates: int = Field(1000, ge=1)
-    prior_probability: float = Field(0.01, gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        if self.bg_iou_thresh > self.fg_iou_thresh:
-            raise ValueError("model.bg_iou_thresh must not exceed model.fg_iou_thresh")
-        if self.max_size < self.min_size:
-            raise ValueError("model.max_size must be at least model.min_size")
-        if self.head_norm == "group_norm" and self.fpn_channels % self.group_norm_groups:
-            raise ValueError("model.fpn_channels must be divisible by model.group_norm_groups")
-        return self
-
-
-class LossConfig(_Section):
-    box_loss: Literal["l1", "smooth_l1", "giou"] = "smooth_l1"
-    beta: float = Field(0.1, ge=0)
-    focal_alpha: float = 0.25
-    focal_gamma: float = Field(2.0, ge=0)
-    cls_weight: float = Field(1.0, ge=0)
-    # per_image: torchvision (each image's loss over its own foreground count, then the mean over images);
-    # per_batch: detectron2 / MMDetection (the batch's loss over the batch's foreground count).
-    normalization: Literal["per_image", "per_batch"] = "per_batch"
-    bayesian: bool = False
-    log_var_init: dict[str, float] | None = None
-    log_var_range: tuple[float, float] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> LossConfig:
-        if self.bayesian and self.box_loss == "giou":
-            raise ValueError(
-                "loss.bayesian=true needs loss.box_loss l1 or smooth_l1: GIoU has no Bayesian form "
-                "(the Bayesian smooth L1, Eq. 14, is defined on box deltas)"
-            )
-        if self.bayesian and self.box_loss == "l1":
-            raise ValueError(
-                "loss.bayesian=true with loss.box_loss=l1: the Bayesian smooth L1 (Eq. 14) needs a threshold "
-                "beta > 0 and L1 has none; use loss.box_loss=smooth_l1 with a small loss.beta (e.g. 0.1)"
-            )
-        if self.bayesian and self.box_loss == "smooth_l1" and self.beta <= 0:
-            raise ValueError("loss.beta must be > 0 with loss.bayesian=true (Eq. 14 divides by it)")
-        if self.log_var_range is not None and self.log_var_range[0] >= self.log_var_range[1]:
-            raise ValueError("loss.log_var_range must be (low, high) with low < high")
-        return self
-
-
-class WeightingConfig(_Section):
-    name: Literal["equal", "avw", "rlo"] = "equal"
-    interval: int = Field(100, ge=2)
-    lambdas: tuple[float, float] = (1.5, 1.0)
-    eps: float = Field(1e-5, gt=0)
-    rl_step: float = Field(0.01, ge=0, le=1)
-    p_min: float = Field(0.1, ge=0, le=1)
-    p_max: float = Field(0.9, ge=0, le=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> WeightingConfig:
-        if self.p_min > self.p_max:
-            raise ValueError("weighting.p_min must not exceed weighting.p_max")
-        return self
-
-
-class DatasetSource(_Section):
-    """One split of a dataset, in one of the formats people have."""
-
-    format: Literal["synthetic", "coco", "yolo", "voc"] = "synthetic"
-    # coco: the annotation json; yolo: the data.yaml; voc: the VOCdevkit/VOC20xx folder;
-    # synthetic: ignored (see data.synthetic).
-    path: str | None = None
-    # coco: the folder file_name is relative to; yolo/voc: derived from path when None.
-    image_root: str | None = None
-    # yolo: the data.yaml key (train/val/test); voc: the ImageSets/Main list (train/val/trainval/test);
-    # synthetic: train or val.
-    split: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> DatasetSource:
-        if self.format != "synthetic" and not self.path:
-            raise ValueError(f"a {self.format} dataset needs 'path'")
-        return self
-
-
-class SyntheticConfig(_Section):
-    num_classes: int = Field(5, ge=1)
-    image_size: int = Field(128, ge=32)
-    num_train: int = Field(2000, ge=1)
-    num_val: int = Field(200, ge=1)
-    seed: int = 0
-    # None: $ROBUSTDET_CACHE or ~/.cache/robustdet/synthetic
-    cache_dir: str | None = None
-
-
-class AugmentConfig(_Section):
-    hflip: bool = True
-    photometric: bool = False
-    # random zoom-out / crop (scale jitter) as a fraction range; None disables it
-    scale_range: tuple[float, float] | None = None
-
-
-class DataConfig(_Section):
-    train: DatasetSource = Field(default_factory=lambda: DatasetSource(split="train"))
-    val: DatasetSource = Field(default_factory=lambda: DatasetSource(split="val"))
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    # Images without boxes: keep them (they teach background) or leave them out of training.
-    empty_images: Literal["keep", "skip"] = "keep"
-    # Boxes that stick out of the image: clip them to it, or stop with an error naming the box.
-    out_of_image: Literal["clip", "error"] = "clip"
-    # Read every image's header before training (coco and voc; yolo always does): non-image files,
-    # animated images and sizes that differ from the annotation stop the run before it starts.
-    verify_images: bool = True
-    # Training images that fail to decode mid-run (e.g. truncated files) are skipped, replaced by the
-    # next readable image, and reported; the run stops once more distinct images than this failed.
-    max_corrupt_images: int = Field(10, ge=0)
-    num_workers: int = Field(2, ge=0)
-
-
-class OptimizerConfig(_Section):
+class OptimizerConfig(Section):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -175,7 +48,7 @@ class OptimizerConfig(_Section):
     log_var_lr: float | None = Field(None, gt=0)
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(Section):
     name: Literal["step", "cosine", "constant"] = "step"
     warmup_iters: int = Field(500, ge=0)
     warmup_factor: float = Field(0.001, gt=0, le=1)
@@ -184,7 +57,7 @@ class ScheduleConfig(_Section):
     min_lr_factor: float = Field(0.0, ge=0, le=1)
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     max_iter: int = Field(1000, ge=1)
     batch_size: int = Field(2, ge=1)  # per process
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -207,32 +80,43 @@ class TrainConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     period: int = Field(0, ge=0)  # 0: only at the end
     batch_size: int = Field(4, ge=1)
     max_images: int | None = Field(None, ge=1)
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     period: int = Field(500, ge=0)  # 0: only at the end
 
 
-class LogConfig(_Section):
+class LogConfig(Section):
     period: int = Field(20, ge=1)
     tensorboard: bool = True
     progress: bool = True
 
 
-class Config(_Section):
+class Config(Section):
     seed: int = 0
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=lambda: DETECTORS["retinanet"].section())
     loss: LossConfig = Field(default_factory=LossConfig)
-    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    weighting: WeightingConfig = Field(default_factory=lambda: WEIGHTINGS["equal"].section())
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_names(cls, data: Any) -> Any:
+        """A ``model`` or ``weighting`` section without ``name`` is the default detector / weighting."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for key, default in (("model", "retinanet"), ("weighting", "equal")):
+                if isinstance(data.get(key), dict) and "name" not in data[key]:
+                    data[key] = {"name": default, **data[key]}
+        return data
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -257,23 +141,58 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], update: dict[str, Any], _path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``update`` laid over ``base`` (nested mappings merged key by key).
+
+    Where ``update`` switches a component (``model.name``, ``weighting.name``, ``data.train.format``...),
+    the keys ``base`` gave the old component that the new one does not declare are dropped: they were
+    settings of the component being replaced (e.g. ``weighting.interval`` of rlo when a child file or an
+    override says ``weighting.name=equal``). Keys the update itself gives are kept and validated.
+    """
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_dicts(out[key], value)
+        path = (*_path, key)
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = merge_dicts(_drop_foreign_keys(path, old, value), value, path)
         else:
             out[key] = value
     return out
 
 
+def _drop_foreign_keys(path: tuple[str, ...], old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    switched = SWITCHED.get(path)
+    if switched is None:
+        return old
+    table, key, default = switched
+    before, after = old.get(key, default), new.get(key, old.get(key, default))
+    if before == after or after not in table:
+        return old
+    return {k: v for k, v in old.items() if k in table[after].model_fields}
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
+    """One line per error: the file, the dotted key and what is wrong with it.
+
+    pydantic puts the chosen member of a union into the location (``model.faster_rcnn.fg_iou_thresh``):
+    that tag is taken out of the key and named in the message instead ("not a key of model faster_rcnn").
+    """
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        loc = [str(p) for p in err["loc"]]
+        component = None
+        for path, (table, field, _) in SWITCHED.items():
+            n = len(path)
+            if tuple(loc[:n]) == path and len(loc) > n and loc[n] in table:
+                component = f"{'.'.join(path)} {field}={loc[n]}"
+                loc = loc[:n] + loc[n + 1 :]
+                break
+        key = ".".join(loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = f"unknown key for {component}" if component else "unknown key"
+        elif err["type"] == "union_tag_invalid":
+            msg = msg.replace("does not match any of the expected tags", "is not one of")
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
 
@@ -283,6 +202,27 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+
+
+def config_from_stored(data: dict[str, Any], source: str, overrides: list[str] | None = None) -> Config:
+    """A run's stored, fully resolved config (``config.yaml``, a checkpoint's ``config``), also one written
+    before components owned their sections: such a dump lists every key of the old flat ``model`` and
+    ``weighting`` sections whatever the component. The keys the chosen component does not declare are
+    dropped, and FCOS's old ``anchor_sizes`` become its ``regression_ranges`` (the boundaries, sizes[1:]).
+    """
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for (key,), (table, field, default) in ((p, t) for p, t in SWITCHED.items() if len(p) == 1):
+        section = data.get(key)
+        if not isinstance(section, dict) or section.get(field, default) not in table:
+            continue
+        declared = table[section.get(field, default)].model_fields
+        if key == "model" and section.get("name") == "fcos" and "anchor_sizes" in section:
+            section.setdefault("regression_ranges", list(section["anchor_sizes"])[1:])
+        data[key] = {k: v for k, v in section.items() if k in declared}
+    if overrides:  # after the clean-up, so that a mistyped override is still an error
+        data = merge_dicts(data, parse_overrides(overrides))
+        source = f"{source} (with overrides)"
+    return config_from_dict(data, source)
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -331,19 +271,19 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def default_log_var_init(model_name: str) -> dict[str, float]:
-    """Initial s per task: s_reg 1.0, s_cls 0.0 (Bayesian paper section 4.2)."""
-    if model_name == "faster_rcnn":
-        return {"rpn_cls": 0.0, "rpn_reg": 1.0, "roi_cls": 0.0, "roi_reg": 1.0}
-    return {"cls": 0.0, "reg": 1.0}
-
-
 __all__ = [
+    "AugmentConfig",
     "Config",
     "ConfigError",
+    "DataConfig",
+    "DatasetSource",
+    "LossConfig",
+    "ModelConfig",
+    "SyntheticConfig",
+    "WeightingConfig",
     "config_from_dict",
+    "config_from_stored",
     "config_to_yaml",
-    "default_log_var_init",
     "load_config",
     "parse_overrides",
 ]

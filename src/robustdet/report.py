@@ -52,47 +52,111 @@ def _series_plot(
     return path
 
 
-def _per_level(records: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
-    names = records[-1]["level_names"]
-    return {name: [r[key][i] for r in records] for i, name in enumerate(names)}
+# log keys written before logging was generic (robustdet <= stop 7), read as the generic names
+_RLO_ACTIONS = ("a0_avw", "a1_smallest_loss", "a2_largest_loss", "a3_equal")
+
+
+def upgrade_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """A ``log.jsonl`` record with the old RLO and log-variance keys renamed to the generic ones."""
+    out = dict(rec)
+    if "rlo_probabilities" in out:
+        for name, p in zip(_RLO_ACTIONS, out.pop("rlo_probabilities"), strict=True):
+            out[f"weighting/action_probability/{name}"] = p
+    if "rlo_action" in out:
+        action = out.pop("rlo_action")
+        out["weighting/action"] = -1 if action is None else action
+    for key in [k for k in out if k.startswith("log_var_") and isinstance(out[k], float)]:
+        task = key.removeprefix("log_var_")
+        s = out.pop(key)
+        out[f"loss/log_var/{task}"] = s
+        out[f"loss/sigma/{task}"] = math.exp(s / 2)
+    if "rpn_cls" in out and "extra_level_names" not in out:
+        out["extra_level_names"] = [f"P{k + 2}" for k in range(len(out["rpn_cls"]))]
+    return out
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's ``log.jsonl`` records, old keys upgraded (:func:`upgrade_record`)."""
+    return [upgrade_record(r) for r in read_jsonl(run_dir / "log.jsonl")]
+
+
+def _vector_series(records: list[dict[str, Any]], key: str, names: list[str]) -> dict[str, list[float]]:
+    """One series per element of the vector field ``key`` (named by ``names`` when the length fits);
+    NaN (a gap in the plot) where a record lacks the field."""
+    width = len(next(r[key] for r in reversed(records) if isinstance(r.get(key), list)))
+    labels = names if len(names) == width else [str(k) for k in range(width)]
+
+    def value(r: dict[str, Any], i: int) -> float:
+        v = r.get(key)
+        return float(v[i]) if isinstance(v, list) and i < len(v) else math.nan
+
+    return {label: [value(r, i) for r in records] for i, label in enumerate(labels)}
+
+
+def field_families(records: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Every component field (``weighting/…``, ``loss/…``) of the log grouped into plot families.
+
+    ``family/member`` scalars share a plot (``loss/sigma/cls`` and ``loss/sigma/reg``: "loss/sigma"); a
+    vector field is a family of its own, one line per level when it has one value per level. Records
+    without the field (before a window closed, say) leave gaps.
+    """
+    last = records[-1]
+    levels = last.get("level_names", [])
+    keys = sorted({k for r in records for k in r if "/" in k})
+    families: dict[str, dict[str, list[float]]] = {}
+    for key in keys:
+        sample = next(r[key] for r in reversed(records) if key in r)
+        if isinstance(sample, list):
+            families[key] = _vector_series(records, key, levels)
+        elif isinstance(sample, int | float):
+            # "loss/sigma/cls" joins the family "loss/sigma"; "weighting/action" is a family of its own
+            family, member = key.rsplit("/", 1) if key.count("/") >= 2 else (key, key.rpartition("/")[2])
+            families.setdefault(family, {})[member] = [float(r.get(key, math.nan)) for r in records]
+    return families
 
 
 def make_report(run_dir: str | Path) -> list[Path]:
-    """Write ``report/*.png`` and ``report/metrics.md`` for a run directory; return the files."""
+    """Write ``report/*.png`` and ``report/metrics.md`` for a run directory; return the files.
+
+    The engine's own series (loss, per-level losses and weights, lr) come first; then one plot per field
+    family the detector and the weighting logged, whatever they are called, so a new weighting's state is
+    drawn without any change here; then the losses outside the weighting (Faster R-CNN's RPN).
+    """
     run_dir = Path(run_dir)
-    records = read_jsonl(run_dir / "log.jsonl")
+    records = read_log(run_dir)
     if not records:
         raise FileNotFoundError(f"{run_dir / 'log.jsonl'}: no training log to report on")
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     iters = [r["iter"] for r in records]
+    levels = records[-1]["level_names"]
     files = [
         _series_plot(out / "loss.png", iters, {"total (weighted)": [r["loss"] for r in records]},
                      "training loss", "loss", logy=True),
-        _series_plot(out / "level_losses.png", iters, _per_level(records, "level_losses"),
+        _series_plot(out / "level_losses.png", iters, _vector_series(records, "level_losses", levels),
                      "unweighted loss per pyramid level", "L_i", logy=True),
-        _series_plot(out / "level_weights.png", iters, _per_level(records, "level_weights"),
+        _series_plot(out / "level_weights.png", iters, _vector_series(records, "level_weights", levels),
                      "loss weight per pyramid level (w_i)", "w_i"),
         _series_plot(out / "lr.png", iters, {"lr": [r["lr"] for r in records]}, "learning rate", "lr"),
     ]
-    if "rpn_cls" in records[-1]:
-        # Faster R-CNN: the RPN's per-level losses, logged but outside the weighting (Luo et al. omit the RPN)
-        rpn_levels = [f"P{k + 2}" for k in range(len(records[-1]["rpn_cls"]))]
-        rpn = {f"{part} {lvl}": [r[part][k] for r in records] for part in ("rpn_cls", "rpn_reg")
-               for k, lvl in enumerate(rpn_levels)}
-        files.append(_series_plot(out / "rpn_losses.png", iters, rpn, "RPN loss per anchor level (unweighted)",
-                                  "loss", logy=True))
-    if "rlo_probabilities" in records[-1]:
-        names = ("(AVW)", "(smallest L)", "(largest L)", "(equal)")
-        probs = {
-            f"a{k} {names[k]}": [r["rlo_probabilities"][k] for r in records]
-            for k in range(len(records[-1]["rlo_probabilities"]))
-        }
-        files.append(_series_plot(out / "rlo_probabilities.png", iters, probs, "RLO action probabilities", "p_k"))
-    log_var_keys = [k for k in records[-1] if k.startswith("log_var_") and isinstance(records[-1][k], float)]
-    if log_var_keys:
-        sig = {k.removeprefix("log_var_"): [math.exp(r[k] / 2) for r in records] for k in log_var_keys}
-        files.append(_series_plot(out / "sigma.png", iters, sig, "learned σ = exp(s/2) per task", "σ"))
+    if "level_plain_losses" in records[-1]:
+        files.append(_series_plot(out / "level_plain_losses.png", iters,
+                                  _vector_series(records, "level_plain_losses", levels),
+                                  "plain loss per pyramid level (σ = 1): what the weighting measures", "L_i",
+                                  logy=True))
+    for family, series in field_families(records).items():
+        name = family.replace("/", "_")
+        files.append(_series_plot(out / f"{name}.png", iters, series, family, family.rpartition("/")[2]))
+    extra_names = records[-1].get("extra_level_names", [])
+    extra_keys = [k for k in records[-1] if isinstance(records[-1][k], list) and extra_names
+                  and k not in ("extra_level_names", "level_names") and len(records[-1][k]) == len(extra_names)
+                  and not k.startswith("level_") and "/" not in k]
+    if extra_keys:
+        # losses outside the weighting (Faster R-CNN's RPN by anchor level; Luo et al. omit the RPN)
+        extra = {f"{key} {lvl}": [r[key][k] for r in records] for key in extra_keys
+                 for k, lvl in enumerate(extra_names)}
+        files.append(_series_plot(out / "extra_losses.png", iters, extra,
+                                  "losses outside the weighting, per level (unweighted)", "loss", logy=True))
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
@@ -122,11 +186,10 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str] | None = None) -
         if not path.exists():
             raise FileNotFoundError(f"{path}: the run has no final metrics (did it finish?)")
         m = json.loads(path.read_text())["bbox"]
-        last = read_jsonl(d / "log.jsonl")
+        last = read_log(d)
         extra = ""
         if last:
-            sig = {k.removeprefix("log_var_"): math.exp(v / 2) for k, v in last[-1].items()
-                   if k.startswith("log_var_") and isinstance(v, float)}
+            sig = {k.removeprefix("loss/sigma/"): v for k, v in last[-1].items() if k.startswith("loss/sigma/")}
             extra = " ".join(f"σ_{k}={v:.3f}" for k, v in sig.items())
         rows.append((d.name, [m[k] for k in metrics], extra))
     width = max(len(r[0]) for r in [*rows, ("run", [], "")])

@@ -1,7 +1,8 @@
 """Datasets (COCO, YOLO, VOC, synthetic) as one COCO-backed ``DetectionDataset``, and exact loaders."""
 
-from robustdet.data.coco import DatasetError, coco_api, load_coco, validate_coco, write_json_atomic
-from robustdet.data.dataset import LOADERS, DetectionDataset, build_dataset, convert_to_coco, read_image
+from robustdet.data.coco import DatasetError, coco_api, load_coco, validate_coco
+from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, SyntheticConfig, parse_source
+from robustdet.data.dataset import DetectionDataset, build_dataset, convert_to_coco, read_image
 from robustdet.data.loader import (
     InfiniteBatchSampler,
     build_eval_loader,
@@ -15,11 +16,14 @@ from robustdet.data.voc import VOC_CLASSES, load_voc
 from robustdet.data.yolo import load_yolo
 
 __all__ = [
-    "LOADERS",
+    "FORMATS",
     "VOC_CLASSES",
+    "AugmentConfig",
+    "DataConfig",
     "DatasetError",
     "DetectionDataset",
     "InfiniteBatchSampler",
+    "SyntheticConfig",
     "build_dataset",
     "build_eval_loader",
     "build_train_loader",
@@ -32,8 +36,8 @@ __all__ = [
     "load_synthetic",
     "load_voc",
     "load_yolo",
+    "parse_source",
     "read_image",
     "sample_seed",
     "validate_coco",
-    "write_json_atomic",
 ]

@@ -13,12 +13,13 @@ import io
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from pycocotools.coco import COCO
+
+from robustdet.data.source import FileSource
 
 # Problems listed in one DatasetError before the rest are only counted: enough to fix a batch of
 # them at once, few enough to stay readable.
@@ -102,12 +103,85 @@ def _require_list(data: dict[str, Any], key: str, source: str) -> list[Any]:
     return value
 
 
+def _records(items: list[Any], kind: str, source: str, errors: ErrorList) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """``(where, id, record)`` of each entry of ``items`` (the json's ``kind`` list) that is an object with
+    an integer ``id``; the others, and duplicate ids, are added to ``errors``."""
+    seen: set[int] = set()
+    for i, item in enumerate(items):
+        where = f"{source}: {kind}[{i}]"
+        if not isinstance(item, dict):
+            errors.add(f"{where}: must be an object")
+            continue
+        rid = item.get("id")
+        if not is_int(rid):
+            errors.add(f"{where}: 'id' must be an integer, got {rid!r}")
+            continue
+        if rid in seen:
+            errors.add(f"{where}: duplicate {kind.removesuffix('s').replace('categorie', 'category')} id {rid}")
+        seen.add(rid)
+        yield where, rid, item
+
+
+def _check_category(cat: dict[str, Any], where: str, errors: ErrorList) -> None:
+    name = cat.get("name")
+    if not isinstance(name, str) or not name:
+        errors.add(f"{where} (id {cat['id']}): 'name' must be a non-empty string, got {name!r}")
+
+
+def _check_image(img: dict[str, Any], where: str, files: tuple[Path, Path] | None, errors: ErrorList) -> None:
+    for key in ("width", "height"):
+        v = img.get(key)
+        if not is_number(v) or not math.isfinite(v) or v <= 0 or v != int(v):
+            errors.add(f"{where}: {key!r} must be a positive integer, got {v!r}")
+    if files is not None:
+        problem = check_image_file(files[0], files[1], img.get("file_name"), where)
+        if problem:
+            errors.add(problem)
+    elif not isinstance(img.get("file_name"), str):
+        errors.add(f"{where}: 'file_name' must be a string")
+
+
+def _check_annotation(
+    ann: dict[str, Any], where: str, image_ids: set[int], cat_ids: set[int], errors: ErrorList
+) -> dict[str, Any] | None:
+    """The normalised annotation, or None when its box is unusable (the problem is in ``errors``)."""
+    out = dict(ann)
+    iid, cid = ann.get("image_id"), ann.get("category_id")
+    if iid not in image_ids or not is_int(iid):
+        errors.add(f"{where}: image_id {iid!r} is not in 'images'")
+    if cid not in cat_ids or not is_int(cid):
+        errors.add(f"{where}: category_id {cid!r} is not in 'categories'")
+    crowd = ann.get("iscrowd", 0)
+    if crowd not in (0, 1):  # also admits True/False
+        errors.add(f"{where}: 'iscrowd' must be 0 or 1, got {crowd!r}")
+    out["iscrowd"] = int(crowd) if crowd in (0, 1) else 0
+    box = ann.get("bbox")
+    if not isinstance(box, list | tuple) or len(box) != 4 or not all(is_number(v) for v in box):
+        errors.add(f"{where}: 'bbox' must be [x, y, width, height] numbers, got {box!r}")
+        return None
+    x, y, w, h = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        errors.add(f"{where}: box has non-finite coordinates {box}")
+        return None
+    if w <= 0:
+        errors.add(f"{where}: box has non-positive width {w:g}")
+    if h <= 0:
+        errors.add(f"{where}: box has non-positive height {h:g}")
+    out["bbox"] = [x, y, w, h]
+    area = ann.get("area")
+    if area is None:
+        out["area"] = w * h
+    elif not is_number(area) or not math.isfinite(area) or area < 0:
+        errors.add(f"{where}: 'area' must be a finite number >= 0, got {area!r}")
+    return out
+
+
 def validate_coco(data: Any, source: str, image_root: Path, check_files: bool = True) -> dict[str, Any]:
     """Check a COCO detection dict and return a normalized copy (the input is not modified).
 
     Normalization: ``iscrowd`` defaults to 0 (and true/false become 1/0), a missing ``area`` becomes the
     box area (COCOeval needs it for its small/medium/large ranges), and ``bbox`` values become floats.
-    Everything else, e.g. segmentation, is kept as it is.
+    Everything else, e.g. segmentation, is kept as it is. Every problem found is reported at once.
     """
     if not isinstance(data, dict):
         raise DatasetError(f"{source}: the top level must be a JSON object, got {type(data).__name__}")
@@ -115,99 +189,25 @@ def validate_coco(data: Any, source: str, image_root: Path, check_files: bool = 
     anns_in = _require_list(data, "annotations", source)
     cats_in = _require_list(data, "categories", source)
     errors = ErrorList()
-    root_real = check_image_root(image_root, source) if check_files else image_root
+    files = (image_root, check_image_root(image_root, source)) if check_files else None
 
     categories: list[dict[str, Any]] = []
-    cat_ids: set[int] = set()
-    for i, cat in enumerate(cats_in):
-        where = f"{source}: categories[{i}]"
-        if not isinstance(cat, dict):
-            errors.add(f"{where}: must be an object")
-            continue
-        cid, name = cat.get("id"), cat.get("name")
-        if not is_int(cid):
-            errors.add(f"{where}: 'id' must be an integer, got {cid!r}")
-            continue
-        if not isinstance(name, str) or not name:
-            errors.add(f"{where} (id {cid}): 'name' must be a non-empty string, got {name!r}")
-        if cid in cat_ids:
-            errors.add(f"{where}: duplicate category id {cid}")
-        cat_ids.add(cid)
+    for where, _, cat in _records(cats_in, "categories", source, errors):
+        _check_category(cat, where, errors)
         categories.append(dict(cat))
     if not cats_in:
         errors.add(f"{source}: 'categories' is empty; a detection dataset needs at least one class")
-
     images: list[dict[str, Any]] = []
-    image_ids: set[int] = set()
-    for i, img in enumerate(images_in):
-        where = f"{source}: images[{i}]"
-        if not isinstance(img, dict):
-            errors.add(f"{where}: must be an object")
-            continue
-        iid = img.get("id")
-        if not is_int(iid):
-            errors.add(f"{where}: 'id' must be an integer, got {iid!r}")
-            continue
-        where = f"{where} (id {iid}, {img.get('file_name')!r})"
-        if iid in image_ids:
-            errors.add(f"{where}: duplicate image id {iid}")
-        image_ids.add(iid)
-        for key in ("width", "height"):
-            v = img.get(key)
-            if not is_number(v) or not math.isfinite(v) or v <= 0 or v != int(v):
-                errors.add(f"{where}: {key!r} must be a positive integer, got {v!r}")
-        if check_files:
-            problem = check_image_file(image_root, root_real, img.get("file_name"), where)
-            if problem:
-                errors.add(problem)
-        elif not isinstance(img.get("file_name"), str):
-            errors.add(f"{where}: 'file_name' must be a string")
+    for where, iid, img in _records(images_in, "images", source, errors):
+        _check_image(img, f"{where} (id {iid}, {img.get('file_name')!r})", files, errors)
         images.append(dict(img))
-
+    cat_ids = {c["id"] for c in categories}
+    image_ids = {i["id"] for i in images}
     annotations: list[dict[str, Any]] = []
-    ann_ids: set[int] = set()
-    for i, ann in enumerate(anns_in):
-        where = f"{source}: annotations[{i}]"
-        if not isinstance(ann, dict):
-            errors.add(f"{where}: must be an object")
-            continue
-        aid = ann.get("id")
-        if not is_int(aid):
-            errors.add(f"{where}: 'id' must be an integer, got {aid!r}")
-            continue
-        where = f"{where} (id {aid})"
-        if aid in ann_ids:
-            errors.add(f"{where}: duplicate annotation id {aid}")
-        ann_ids.add(aid)
-        out = dict(ann)
-        iid, cid = ann.get("image_id"), ann.get("category_id")
-        if iid not in image_ids or not is_int(iid):
-            errors.add(f"{where}: image_id {iid!r} is not in 'images'")
-        if cid not in cat_ids or not is_int(cid):
-            errors.add(f"{where}: category_id {cid!r} is not in 'categories'")
-        crowd = ann.get("iscrowd", 0)
-        if crowd not in (0, 1):  # also admits True/False
-            errors.add(f"{where}: 'iscrowd' must be 0 or 1, got {crowd!r}")
-        out["iscrowd"] = int(crowd) if crowd in (0, 1) else 0
-        box = ann.get("bbox")
-        if not isinstance(box, list | tuple) or len(box) != 4 or not all(is_number(v) for v in box):
-            errors.add(f"{where}: 'bbox' must be [x, y, width, height] numbers, got {box!r}")
-            continue
-        x, y, w, h = (float(v) for v in box)
-        if not all(math.isfinite(v) for v in (x, y, w, h)):
-            errors.add(f"{where}: box has non-finite coordinates {box}")
-            continue
-        if w <= 0:
-            errors.add(f"{where}: box has non-positive width {w:g}")
-        if h <= 0:
-            errors.add(f"{where}: box has non-positive height {h:g}")
-        out["bbox"] = [x, y, w, h]
-        area = ann.get("area")
-        if area is None:
-            out["area"] = w * h
-        elif not is_number(area) or not math.isfinite(area) or area < 0:
-            errors.add(f"{where}: 'area' must be a finite number >= 0, got {area!r}")
-        annotations.append(out)
+    for where, aid, ann in _records(anns_in, "annotations", source, errors):
+        checked = _check_annotation(ann, f"{where} (id {aid})", image_ids, cat_ids, errors)
+        if checked is not None:
+            annotations.append(checked)
 
     errors.raise_if_any()
     result = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories")}
@@ -235,6 +235,18 @@ def load_coco(json_path: str | Path, image_root: str | Path) -> tuple[dict[str, 
     return data, image_root
 
 
+class CocoSource(FileSource):
+    """``format: coco``: ``path`` is the annotation json, ``image_root`` the folder its ``file_name``s are
+    relative to (default: the json's folder)."""
+
+    format: Literal["coco"] = "coco"
+    verify_headers: ClassVar[bool] = True
+
+    def load(self, data: Any, split: str) -> tuple[dict[str, Any], Path]:
+        path = Path(self.path or "")
+        return load_coco(path, self.image_root if self.image_root is not None else path.parent)
+
+
 def coco_api(data: dict[str, Any]) -> COCO:
     """A ``pycocotools.coco.COCO`` over an in-memory dict, without its progress prints."""
     coco = COCO()
@@ -242,26 +254,6 @@ def coco_api(data: dict[str, Any]) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-def write_json_atomic(data: Any, out_path: str | Path) -> Path:
-    """Write JSON so that ``out_path`` is either the old file or the complete new one, never half."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        # mkstemp creates the file 0600; a dataset json is meant to be shared like any other output
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return out_path
 
 
 def annotation_record(ann_id: int, image_id: int, label: int, bbox: list[float], iscrowd: int = 0) -> dict[str, Any]:

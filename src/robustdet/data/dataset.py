@@ -17,11 +17,11 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from robustdet.config import AugmentConfig, DataConfig, DatasetSource
-from robustdet.data.coco import DatasetError, ErrorList, coco_api, load_coco, validate_coco, write_json_atomic
-from robustdet.data.synthetic import load_synthetic
-from robustdet.data.voc import load_voc
-from robustdet.data.yolo import header_size, load_yolo
+from robustdet.data.coco import DatasetError, ErrorList, coco_api, validate_coco
+from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, parse_source
+from robustdet.data.source import SourceSection
+from robustdet.data.yolo import header_size
+from robustdet.files import write_json_atomic
 
 Target = dict[str, Any]
 Key = int | tuple[int, int]
@@ -325,23 +325,10 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
             return self.transform(sample)
 
 
-def _coco_source(source: DatasetSource, data_cfg: DataConfig, split: str) -> tuple[dict[str, Any], Path]:
-    path = Path(source.path or "")
-    return load_coco(path, source.image_root if source.image_root is not None else path.parent)
-
-
-LOADERS: dict[str, Callable[[DatasetSource, DataConfig, str], tuple[dict[str, Any], Path]]] = {
-    "coco": _coco_source,
-    "yolo": lambda src, cfg, split: load_yolo(src.path or "", split, src.image_root),
-    "voc": lambda src, cfg, split: load_voc(src.path or "", split, image_root=src.image_root),
-    "synthetic": lambda src, cfg, split: load_synthetic(cfg.synthetic, split),
-}
-
-
-def build_dataset(source: DatasetSource, data_cfg: DataConfig, train: bool) -> DetectionDataset:
+def build_dataset(source: SourceSection, data_cfg: DataConfig, train: bool) -> DetectionDataset:
     """Load ``source`` with the loader of its format and wrap it; ``train`` turns augmentation on."""
     split = source.split or ("train" if train else "val")
-    data, image_root = LOADERS[source.format](source, data_cfg, split)
+    data, image_root = source.load(data_cfg, split)
     dataset = DetectionDataset(
         data,
         image_root,
@@ -349,14 +336,14 @@ def build_dataset(source: DatasetSource, data_cfg: DataConfig, train: bool) -> D
         augment=data_cfg.augment,
         empty_images=data_cfg.empty_images,
         out_of_image=data_cfg.out_of_image,
-        source=source.path or f"synthetic {split}",
+        source=source.describe(split),
         validate=False,  # the loader just did
         # training skips (and the trainer reports) images that fail to decode, up to
         # data.max_corrupt_images; evaluation needs every image and stops naming the file
         skip_corrupt=train,
     )
     # yolo took its sizes from the headers; the synthetic images are generated here
-    if data_cfg.verify_images and source.format in ("coco", "voc"):
+    if data_cfg.verify_images and source.verify_headers:
         verify_image_headers(dataset)
     return dataset
 
@@ -367,9 +354,9 @@ def convert_to_coco(fmt: str, path: str | Path, split: str, out_json: str | Path
     The json's ``file_name``s are relative to that root: load it with
     ``load_coco(out_json, image_root)`` or ``format: coco, path: out_json, image_root: <root>``.
     """
-    if fmt not in ("yolo", "voc"):
+    if fmt not in FORMATS or fmt in ("synthetic", "coco"):
         raise DatasetError(f"convert: the input format must be yolo or voc, got {fmt!r}")
-    source = DatasetSource(format=fmt, path=str(path), split=split)
-    data, image_root = LOADERS[fmt](source, DataConfig(), split)
-    write_json_atomic(data, out_json)
+    source = parse_source({"format": fmt, "path": str(path), "split": split})
+    data, image_root = source.load(DataConfig(), split)
+    write_json_atomic(out_json, data, indent=None)
     return image_root

@@ -21,13 +21,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import Field
 
-from robustdet.config import SyntheticConfig
 from robustdet.data.coco import DatasetError, annotation_record, load_coco
+from robustdet.data.source import SourceSection
+from robustdet.section import Section
 
 # Bump whenever the generator's output changes, so old caches are not mistaken for new ones.
 VERSION = 2
@@ -39,6 +41,27 @@ MAX_OBJECTS = 8
 MAX_IOU = 0.3
 MAX_COVERED = 0.5
 MIN_CONTRAST = 50.0  # luma difference between an object and the background under it
+
+
+class SyntheticConfig(Section):
+    """``data.synthetic``: the built-in shapes, generated once per setting into a cache folder."""
+
+    num_classes: int = Field(5, ge=1)
+    image_size: int = Field(128, ge=32)
+    num_train: int = Field(2000, ge=1)
+    num_val: int = Field(200, ge=1)
+    seed: int = 0
+    # None: $ROBUSTDET_CACHE or ~/.cache/robustdet/synthetic
+    cache_dir: str | None = None
+
+
+class SyntheticSource(SourceSection):
+    """``format: synthetic`` (the default): ``split`` train or val of ``data.synthetic``."""
+
+    format: Literal["synthetic"] = "synthetic"
+
+    def load(self, data: Any, split: str) -> tuple[dict[str, Any], Path]:
+        return load_synthetic(data.synthetic, split)
 
 
 def cache_base(cfg: SyntheticConfig) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 from xml.etree.ElementTree import Element, ParseError
 
 import defusedxml
@@ -19,6 +19,7 @@ from robustdet.data.coco import (
     check_image_root,
     validate_coco,
 )
+from robustdet.data.source import FileSource
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -96,6 +97,34 @@ def _objects(
     return out
 
 
+class VocSource(FileSource):
+    """``format: voc``: ``path`` is a VOCdevkit/VOC20xx folder, ``split`` its ImageSets/Main list
+    (train/val/trainval/test); ``image_root`` defaults to its JPEGImages."""
+
+    format: Literal["voc"] = "voc"
+    verify_headers: ClassVar[bool] = True
+
+    def load(self, data: Any, split: str) -> tuple[dict[str, Any], Path]:
+        return load_voc(self.path or "", split, image_root=self.image_root)
+
+
+def _split_stems(split_file: Path, voc_root: Path) -> list[str]:
+    """The image stems an ImageSets/Main list names, one a line (a second column, VOC's -1/1, is ignored)."""
+    try:
+        stems = [
+            line.split()[0] for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+    except FileNotFoundError:
+        raise DatasetError(
+            f"{split_file}: split file not found (is {voc_root} a VOCdevkit/VOC20xx folder?)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{split_file}: cannot read ({exc})") from None
+    if not stems:
+        raise DatasetError(f"{split_file}: lists no images")
+    return stems
+
+
 def load_voc(
     voc_root: str | Path,
     split: str,
@@ -110,18 +139,7 @@ def load_voc(
     """
     voc_root = Path(voc_root)
     split_file = voc_root / "ImageSets" / "Main" / f"{split}.txt"
-    try:
-        stems = [
-            line.split()[0] for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()
-        ]
-    except FileNotFoundError:
-        raise DatasetError(
-            f"{split_file}: split file not found (is {voc_root} a VOCdevkit/VOC20xx folder?)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{split_file}: cannot read ({exc})") from None
-    if not stems:
-        raise DatasetError(f"{split_file}: lists no images")
+    stems = _split_stems(split_file, voc_root)
     root = Path(image_root) if image_root is not None else voc_root / "JPEGImages"
     root_real = check_image_root(root, str(voc_root))
     class_index = {name: i for i, name in enumerate(class_names)}

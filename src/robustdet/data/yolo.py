@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from PIL import Image, UnidentifiedImageError
@@ -19,6 +19,7 @@ from robustdet.data.coco import (
     check_image_root,
     validate_coco,
 )
+from robustdet.data.source import FileSource
 
 # The Ultralytics image suffixes that torchvision.io or PIL can decode here (no DNG/HEIC/PFM/MPO).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -132,6 +133,16 @@ def _split_folders(cfg: dict[str, Any], split: str, root: Path, source: str) -> 
             raise DatasetError(f"{source}: {split}: image folder {folder} is outside the dataset root {root}")
         folders.append(folder)
     return folders
+
+
+class YoloSource(FileSource):
+    """``format: yolo``: ``path`` is the Ultralytics data.yaml, ``split`` its key (train/val/test); the
+    image headers are read while loading, so ``verify_headers`` stays off."""
+
+    format: Literal["yolo"] = "yolo"
+
+    def load(self, data: Any, split: str) -> tuple[dict[str, Any], Path]:
+        return load_yolo(self.path or "", split, self.image_root)
 
 
 def load_yolo(

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from robustdet.files import fsync_dir
+
 LAST = "last.pt"
 PREV = "prev.pt"
 # Test-only hook: seconds to sleep between the complete temporary file and the renames, so that a test
@@ -28,19 +30,6 @@ TEST_DELAY_ENV = "ROBUSTDET_TEST_CHECKPOINT_DELAY"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(state: dict[str, Any], ckpt_dir: Path) -> Path:
@@ -64,7 +53,7 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
     return last
 
 

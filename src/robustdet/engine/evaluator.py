@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
 
+from robustdet import distributed as dist
 from robustdet.data.loader import shutdown_workers
-from robustdet.engine import distributed as dist
 
 # COCOeval.stats, in its order.
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
-from robustdet.config import Config, config_from_dict, merge_dicts, parse_overrides
+from robustdet.config import Config, config_from_stored
+from robustdet.data import read_image
 from robustdet.engine.checkpoint import CheckpointError, load_checkpoint
 from robustdet.engine.trainer import resolve_device
 from robustdet.models import build_model
@@ -33,10 +34,7 @@ def load_trained(checkpoint: str | Path, overrides: list[str] | None = None) -> 
     missing = [k for k in ("config", "model", "classes", "category_ids", "iteration") if k not in state]
     if missing:
         raise CheckpointError(f"{checkpoint}: not a robustdet checkpoint (no {', '.join(missing)})")
-    raw = state["config"]
-    if overrides:
-        raw = merge_dicts(raw, parse_overrides(overrides))
-    cfg = config_from_dict(raw, f"{checkpoint} config" + (" (with overrides)" if overrides else ""))
+    cfg = config_from_stored(state["config"], f"{checkpoint} config", overrides)
     device = resolve_device(cfg.train.device)
     classes = list(state["classes"])
     model = build_model(cfg, len(classes))
@@ -50,14 +48,6 @@ def load_trained(checkpoint: str | Path, overrides: list[str] | None = None) -> 
     return LoadedModel(model, cfg, classes, list(state["category_ids"]), int(state["iteration"]), device)
 
 
-def read_image(path: Path) -> torch.Tensor:
-    try:
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        return decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except (OSError, RuntimeError) as exc:
-        raise ValueError(f"{path}: cannot read the image ({str(exc).splitlines()[0]})") from None
-
-
 @torch.no_grad()
 def predict(
     loaded: LoadedModel, image_paths: list[Path], out_dir: Path, score_thresh: float = 0.3
@@ -66,7 +56,7 @@ def predict(
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for path in image_paths:
-        img = read_image(path)
+        img = read_image(str(path))  # the datasets' reader: Pillow for BMP/TIFF, DatasetError naming the file
         det = loaded.model([img.to(loaded.device).float().div(255)])[0]
         keep = det["scores"] >= score_thresh
         boxes, scores, labels = (det[k][keep].cpu() for k in ("boxes", "scores", "labels"))

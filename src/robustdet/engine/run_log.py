@@ -7,9 +7,10 @@ read as if it had never stopped.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from robustdet.files import write_json_atomic, write_text_atomic
 
 
 def _truncate_jsonl(path: Path, keep_through_iter: int) -> None:
@@ -27,15 +28,7 @@ def _truncate_jsonl(path: Path, keep_through_iter: int) -> None:
                 break  # a line cut by the kill: everything before it is whole
             if int(rec.get("iter", 0)) <= keep_through_iter:
                 kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(k + "\n" for k in kept))
 
 
 class RunLog:
@@ -68,18 +61,18 @@ class RunLog:
         if self._tb is None:
             return
         it = rec["iter"]
-        self._tb.add_scalar("train/loss", rec["loss"], it)
-        self._tb.add_scalar("train/lr", rec["lr"], it)
-        names = rec["level_names"]
-        for key in ("level_losses", "level_weights"):
-            self._tb.add_scalars(f"train/{key}", dict(zip(names, rec[key], strict=True)), it)
-        if "rlo_probabilities" in rec:
-            self._tb.add_scalars(
-                "train/rlo_probabilities", {f"a{k}": p for k, p in enumerate(rec["rlo_probabilities"])}, it
-            )
+        levels, extra_levels = rec.get("level_names", []), rec.get("extra_level_names", [])
         for key, value in rec.items():
-            if key.startswith("log_var_") and isinstance(value, float):
+            if key == "iter" or isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
                 self._tb.add_scalar(f"train/{key}", value, it)
+            elif isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
+                # vectors: one line per level where the length says which levels, else per index
+                names = levels if len(value) == len(levels) else extra_levels
+                if len(names) != len(value):
+                    names = [str(k) for k in range(len(value))]
+                self._tb.add_scalars(f"train/{key}", dict(zip(names, value, strict=True)), it)
 
     def event(self, rec: dict[str, Any]) -> None:
         with open(self.event_path, "a") as f:

@@ -1,10 +1,14 @@
 """The training loop: iteration-based, resumable, one process or many under ``torchrun``.
 
-Each iteration: the detector returns its unweighted per-level losses L_i; the weighting combines them
-into L_total = Σ_i w_i · L_i (Luo Eq. 1) plus any loss outside the weighting (Faster R-CNN's RPN); the
-optimizer steps; then the weighting sees the detached L_i and returns the weights for the next
-iteration. Everything that decides what happens next (model, optimizer, scheduler, weighting state,
-every RNG, the iteration that fixes the data position) goes into each checkpoint.
+Each iteration is a short sequence of named steps (``Trainer._iteration``): the data; the forward pass,
+where the detector (``models.base.Detector``) returns its unweighted per-level losses L_i; the combine,
+L_total = Σ_i w_i · L_i (Luo Eq. 1) plus any loss outside the weighting (Faster R-CNN's RPN); one
+all-reduced decision (finite? stop? corrupt images?); backward, or the skip of a non-finite step; the
+optimizer; the weighting step, which sees each level's measured loss (plain or trained, ``measure``) and
+returns the weights for the next iteration; then the periodic log, checkpoint and evaluation.
+Everything that decides what happens next (model, optimizer, scheduler, weighting state, every RNG, the
+iteration that fixes the data position) goes into each checkpoint. The trainer knows the detector and the
+weighting only through their contracts; what they log they name themselves (``log_fields``).
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustdet.config import Config, ConfigError, WeightingConfig, config_from_dict, config_to_yaml
+from robustdet import distributed as dist
+from robustdet.config import Config, ConfigError, config_from_stored, config_to_yaml
 from robustdet.data import DatasetError, DetectionDataset, build_dataset, build_eval_loader, build_train_loader
 from robustdet.data.loader import shutdown_workers
-from robustdet.engine import distributed as dist
 from robustdet.engine.checkpoint import (
     CheckpointError,
     find_resumable,
@@ -38,9 +42,10 @@ from robustdet.engine.checkpoint import (
 from robustdet.engine.evaluator import evaluate, format_metrics
 from robustdet.engine.run_log import RunLog
 from robustdet.engine.schedule import build_scheduler
+from robustdet.files import write_text_atomic
 from robustdet.losses import set_finite_checks
-from robustdet.models import build_model
-from robustdet.weighting import WEIGHTINGS, LevelWeighting
+from robustdet.models import Detector, DetectorLosses, build_model
+from robustdet.weighting import LevelWeighting, build_weighting
 
 CHECKPOINT_FORMAT = 1
 
@@ -84,47 +89,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_weighting(cfg: WeightingConfig, num_levels: int, seed: int) -> LevelWeighting:
-    """The one table of weightings, with each one's own arguments."""
-    cls = WEIGHTINGS[cfg.name]
-    if cfg.name == "equal":
-        return cls(num_levels)
-    kwargs: dict[str, Any] = {"interval": cfg.interval, "lambdas": tuple(cfg.lambdas), "eps": cfg.eps}
-    if cfg.name == "rlo":
-        kwargs.update(rl_step=cfg.rl_step, p_min=cfg.p_min, p_max=cfg.p_max, seed=seed)
-    return cls(num_levels, **kwargs)
-
-
-def level_names_of(model: nn.Module, cfg: Config) -> list[str]:
-    names = getattr(model, "level_names", None)
-    if names is None:
-        raise RuntimeError(f"model {cfg.model.name} does not declare its level_names")
-    return list(names)
-
-
 def build_optimizer(model: nn.Module, weighting: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Model weights with weight decay; log-variances and weighting parameters in groups without it."""
+    """Model weights with weight decay; the detector's log-variances and a weighting's learnable
+    parameters (Kendall's per-level u_i) in the log-variance group: never weight-decayed, own lr."""
     opt = cfg.train.optimizer
-    log_var_params = (
-        list(model.log_variances.parameters()) if getattr(model, "log_variances", None) is not None else []
-    )
-    special = {id(p) for p in log_var_params}
-    main = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+    lv = model.log_variances if isinstance(model, Detector) else None
+    special_params = [*(lv.parameters() if lv is not None else ()), *weighting.parameters()]
+    special = [p for p in special_params if p.requires_grad]
+    ids = {id(p) for p in special}
+    main = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups: list[dict[str, Any]] = [{"params": main, "weight_decay": opt.weight_decay, "name": "model"}]
-    if log_var_params:
-        groups.append(
-            {"params": log_var_params, "weight_decay": 0.0, "lr": opt.log_var_lr or opt.lr, "name": "log_var"}
-        )
-    weighting_params = [p for p in weighting.parameters() if p.requires_grad]
-    if weighting_params:
-        groups.append({"params": weighting_params, "weight_decay": 0.0, "name": "weighting"})
+    if special:
+        groups.append({"params": special, "weight_decay": 0.0, "lr": opt.log_var_lr or opt.lr, "name": "log_var"})
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum)
     return torch.optim.AdamW(groups, lr=opt.lr)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def _unwrap(model: nn.Module) -> Detector:
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    assert isinstance(inner, Detector)
+    return inner
 
 
 @dataclass
@@ -133,6 +118,23 @@ class _Batch:
     targets: list[dict[str, Any]]
     image_ids: list[int]
     skipped: list[tuple[str, str]]  # (path, reason) of corrupt images the dataset replaced
+
+
+@dataclass
+class _Step:
+    """One iteration as it goes through the steps of ``Trainer._iteration``."""
+
+    it: int
+    batch: _Batch
+    out: DetectorLosses
+    level_losses: torch.Tensor  # float32, with grad
+    total: torch.Tensor
+    stop_signal: int | None = None
+    grad_norm: float = math.nan
+
+    @property
+    def done(self) -> int:
+        return self.it + 1
 
 
 def _parse_die_hook(value: str | None) -> tuple[int, int] | None:
@@ -147,12 +149,6 @@ def _short_dist_message(exc: BaseException) -> str:
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     text = re.sub(r"^\[[^\]]*\]\s*", "", text)
     return text.split(". ", 1)[0]
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -177,6 +173,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- setup
     def _setup(self) -> None:
+        """Process group, data, detector, weighting, optimizer, checkpoint, loader and log, in that order."""
         cfg = self.cfg
         self.device = resolve_device(cfg.train.device)
         self._owns_group = dist.init_from_env(self.device.type, cfg.train.dist_timeout_s)
@@ -184,45 +181,10 @@ class Trainer:
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.seed)
-
-        self.train_set: DetectionDataset = build_dataset(cfg.data.train, cfg.data, train=True)
-        self.val_set: DetectionDataset = build_dataset(cfg.data.val, cfg.data, train=False)
-        if self.val_set.classes != self.train_set.classes:
-            raise DatasetError(
-                "data.val has other classes than data.train: "
-                f"{self.val_set.classes[:5]}... vs {self.train_set.classes[:5]}..."
-            )
-
-        try:
-            model = build_model(cfg, self.train_set.num_classes).to(self.device)
-        except ValueError as exc:  # the model's own checks of its config (e.g. loss.log_var_init keys)
-            raise ConfigError(f"model: {exc}") from exc
-        self.level_names = level_names_of(model, cfg)
-        self.weighting = build_weighting(cfg.weighting, len(self.level_names), cfg.seed).to(self.device)
-        self.optimizer = build_optimizer(model, self.weighting, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train.schedule, cfg.train.max_iter)
-        self.model = model
-        self.start_iter = 0
-        self.nonfinite_total = 0
-
-        ckpt_dir = self.out_dir / "checkpoints"
-        resumed_from: Path | None = None
-        if self.resume:
-            problems: list[str] = []
-            found = find_resumable(ckpt_dir, problems)
-            if found is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-            path, state = found
-            for problem in problems:
-                self._warn(f"--resume: passed over {problem}")
-            self._restore(state, path)
-            if self.start_iter > cfg.train.max_iter:
-                raise ConfigError(
-                    f"--resume: {path} is at iteration {self.start_iter}, past train.max_iter={cfg.train.max_iter}"
-                )
-            resumed_from = path
-            self._last_saved = self.start_iter
-            self._say(f"resumed from {path} at iteration {self.start_iter}")
+        self._build_data()
+        model = self._build_model()
+        resumed_from, problems = self._resume() if self.resume else (None, [])
+        self.model: nn.Module = model
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -232,7 +194,6 @@ class Trainer:
         # the total each step and skips a non-finite step (train.max_nonfinite_steps). They are also a
         # host sync each on CUDA (about 0.2 ms, docs/benchmarks.md).
         self._finite_checks_before = set_finite_checks(False)
-
         self.train_loader = build_train_loader(
             self.train_set,
             batch_size=cfg.train.batch_size,
@@ -254,13 +215,59 @@ class Trainer:
                 {"iter": self.start_iter, "event": "resumed", "checkpoint": str(resumed_from), "passed_over": problems}
             )
 
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.train_set: DetectionDataset = build_dataset(cfg.data.train, cfg.data, train=True)
+        self.val_set: DetectionDataset = build_dataset(cfg.data.val, cfg.data, train=False)
+        if self.val_set.classes != self.train_set.classes:
+            raise DatasetError(
+                "data.val has other classes than data.train: "
+                f"{self.val_set.classes[:5]}... vs {self.train_set.classes[:5]}..."
+            )
+
+    def _build_model(self) -> nn.Module:
+        """The detector, the weighting of its levels, the optimizer and the schedule, at iteration 0."""
+        cfg = self.cfg
+        try:
+            model = build_model(cfg, self.train_set.num_classes).to(self.device)
+        except ValueError as exc:  # the model's own checks of its config (e.g. loss.log_var_init keys)
+            raise ConfigError(f"model: {exc}") from exc
+        self.level_names = list(model.level_names)
+        self.weighting: LevelWeighting = build_weighting(cfg.weighting, len(self.level_names), cfg.seed)
+        self.weighting.to(self.device)
+        self.optimizer = build_optimizer(model, self.weighting, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.schedule, cfg.train.max_iter)
+        self.model = model
+        self.start_iter = 0
+        self.nonfinite_total = 0
+        return model
+
+    def _resume(self) -> tuple[Path, list[str]]:
+        """Restore the newest usable checkpoint of the run directory; its path and what was passed over."""
+        ckpt_dir = self.out_dir / "checkpoints"
+        problems: list[str] = []
+        found = find_resumable(ckpt_dir, problems)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+        path, state = found
+        for problem in problems:
+            self._warn(f"--resume: passed over {problem}")
+        self._restore(state, path)
+        if self.start_iter > self.cfg.train.max_iter:
+            raise ConfigError(
+                f"--resume: {path} is at iteration {self.start_iter}, past train.max_iter={self.cfg.train.max_iter}"
+            )
+        self._last_saved = self.start_iter
+        self._say(f"resumed from {path} at iteration {self.start_iter}")
+        return path, problems
+
     def _restore(self, state: dict[str, Any], path: Path) -> None:
         missing = [
             k for k in ("config", "model", "weighting", "optimizer", "scheduler", "iteration", "rng") if k not in state
         ]
         if missing:
             raise CheckpointError(f"{path}: not a training checkpoint of robustdet (no {', '.join(missing)})")
-        saved = config_from_dict(state["config"], f"{path} config")
+        saved = config_from_stored(state["config"], f"{path} config")
         if saved.model != self.cfg.model or saved.loss != self.cfg.loss:
             raise ConfigError(
                 f"--resume: the model/loss config of {path} differs from this run's config "
@@ -359,7 +366,7 @@ class Trainer:
                 f"more than data.max_corrupt_images={limit}: {listed}; {self._last_checkpoint_text()}"
             )
 
-    def _nonfinite_report(self, it: int, batch: _Batch, out: Any) -> str:
+    def _nonfinite_report(self, it: int, batch: _Batch, out: DetectorLosses) -> str:
         bad = [
             f"{name}={v:.4g}"
             for name, v in zip(self.level_names, out.level_losses.detach().float().tolist(), strict=True)
@@ -375,7 +382,7 @@ class Trainer:
                 bad.append(f"{name}={values[0] if len(values) == 1 else values}")
         if not bad and not math.isfinite(float(out.extra_loss)):
             bad.append(f"extra_loss={float(out.extra_loss):.4g}")
-        lv = getattr(_unwrap(self.model), "log_variances", None)
+        lv = _unwrap(self.model).log_variances
         if lv is not None:
             bad += [f"log_var_{k}={v:.4g}" for k, v in lv.as_dict().items() if not math.isfinite(v)]
         what = ", ".join(bad) or "gradient"
@@ -400,7 +407,7 @@ class Trainer:
             self._setup()
             if dist.is_main():
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                _write_text_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
+                write_text_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
             old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
             return self._loop()
         except Exception as exc:
@@ -425,171 +432,209 @@ class Trainer:
                 torch.distributed.destroy_process_group()
 
     def _loop(self) -> dict[str, Any] | None:
+        """Iterations from the checkpoint (or 0) to ``train.max_iter``, then the final checkpoint and eval."""
         cfg = self.cfg
-        model = self.model
-        model.train()
-        max_iter = cfg.train.max_iter
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        clip = cfg.train.clip_grad_norm if cfg.train.clip_grad_norm is not None else math.inf
-        bad_in_row = 0
-        metrics: dict[str, Any] | None = None
-        pbar = None
+        self.model.train()
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._weighting_params = [p for p in self.weighting.parameters() if p.requires_grad]
+        self._bad_in_row = 0
+        self._pbar = None
         if dist.is_main() and cfg.log.progress:
             from tqdm import tqdm
 
-            pbar = tqdm(total=max_iter, initial=self.start_iter, desc="train", dynamic_ncols=True, file=sys.stderr)
-        t0 = time.perf_counter()
-        loader = iter(self.train_loader)
-        it = self.start_iter
-        for it in range(self.start_iter, max_iter):
-            self._iter = it
-            if self._die_at is not None and self._die_at == (self.rank, it + 1):
-                print(f"{TEST_DIE_ENV}: rank {self.rank} exits at iteration {it + 1}", file=sys.stderr, flush=True)
-                os._exit(1)
-            images, targets = next(loader)
-            batch = self._to_device(images, targets)
-            with torch.autocast(
-                self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-            ):
-                out = model(batch.images, batch.targets)
-            level_losses = out.level_losses.float()
-            total = self.weighting.combine(level_losses) + out.extra_loss.float()
-
-            # One all-reduce decides, on every rank alike, whether the loss is finite, whether a signal
-            # asks to stop, and whether any rank replaced a corrupt image: one rank acting alone would
-            # leave the others waiting in a collective.
-            # built on the device, so this .tolist() is the step's one host sync before backward
-            host_flags = torch.tensor(
-                [0.0 if self._stop_signal is None else 1.0, float(len(batch.skipped))], device=self.device
+            self._pbar = tqdm(
+                total=cfg.train.max_iter, initial=self.start_iter, desc="train", dynamic_ncols=True, file=sys.stderr
             )
-            flags = dist.all_reduce_sum(
-                torch.cat([(~torch.isfinite(total.detach())).float().reshape(1), host_flags])
-            ).tolist()
-            nonfinite_loss, stop, any_skipped = flags[0] > 0, flags[1] > 0, flags[2] > 0
-            stop_signal = (self._stop_signal or signal.SIGTERM) if stop else None
-            if any_skipped:
-                self._note_corrupt(it, batch)
-            grad_norm = math.nan
-            if not nonfinite_loss:
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            done = it + 1
-            if not math.isfinite(grad_norm):
-                bad_in_row += 1
-                self.nonfinite_total += 1
-                msg = self._nonfinite_report(it, batch, out)
-                assert self.log is not None
-                self.log.event(
-                    {
-                        "iter": done,
-                        "event": "nonfinite_step_skipped",
-                        "detail": msg,
-                        "in_a_row": bad_in_row,
-                        "total": self.nonfinite_total,
-                    }
-                )
-                self._warn(
-                    f"{msg}: step skipped ({bad_in_row} in a row, train.max_nonfinite_steps="
-                    f"{cfg.train.max_nonfinite_steps})"
-                )
-                self.optimizer.zero_grad(set_to_none=True)
-                if bad_in_row >= cfg.train.max_nonfinite_steps:
-                    raise TrainingDiverged(
-                        f"{msg}; {bad_in_row} non-finite steps in a row (train.max_nonfinite_steps="
-                        f"{cfg.train.max_nonfinite_steps}); {self._last_checkpoint_text()}"
-                    )
-                self.scheduler.step()
-                if stop_signal is not None:
-                    # no checkpoint of a state inside a run of bad steps: the last good one stays
-                    if pbar is not None:
-                        pbar.close()
-                    name = signal.Signals(stop_signal).name
-                    self._say(f"{name}: stopped at iteration {done} (a skipped step); {self._last_checkpoint_text()}")
-                    raise Interrupted(stop_signal)
-                continue
-            bad_in_row = 0
-            self.optimizer.step()
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
-            # the weights of this step, copied on the device: read back only when the step is logged
-            weights_used = self.weighting.weights.detach().clone()
-            self.weighting.step(level_losses.detach())
+        self._t0 = time.perf_counter()
+        loader = iter(self.train_loader)
+        try:
+            for it in range(self.start_iter, cfg.train.max_iter):
+                self._iteration(it, loader)
+        finally:
+            if self._pbar is not None:
+                self._pbar.close()
+        return self._finish()
 
-            log_now = done % cfg.log.period == 0 or done == max_iter
-            if log_now:
-                self._log_step(done, lr, total, out, weights_used.cpu().tolist(), grad_norm, time.perf_counter() - t0)
-            if pbar is not None:
-                pbar.update(1)
-                if log_now:  # total.item() would be a host sync every step
-                    pbar.set_postfix(loss=f"{total.item():.3f}", lr=f"{lr:.2e}", refresh=False)
-            if cfg.checkpoint.period and done % cfg.checkpoint.period == 0 and done < max_iter:
+    def _iteration(self, it: int, loader: Any) -> None:
+        """One training iteration as its named steps."""
+        batch = self._next_batch(it, loader)
+        step = self._forward(it, batch)
+        nonfinite = self._agree(step)
+        if not nonfinite:
+            self._backward(step)
+        if not math.isfinite(step.grad_norm):
+            self._skip(step)  # raises when too many in a row, or when a signal asks to stop
+            return
+        self._bad_in_row = 0
+        lr, weights_used = self._optimizer_step(step)
+        self._weighting_step(step)
+        self._periodic(step, lr, weights_used)
+
+    def _next_batch(self, it: int, loader: Any) -> _Batch:
+        self._iter = it
+        if self._die_at is not None and self._die_at == (self.rank, it + 1):
+            print(f"{TEST_DIE_ENV}: rank {self.rank} exits at iteration {it + 1}", file=sys.stderr, flush=True)
+            os._exit(1)
+        images, targets = next(loader)
+        return self._to_device(images, targets)
+
+    def _forward(self, it: int, batch: _Batch) -> _Step:
+        """The detector's per-level losses and the weighted total (Luo Eq. 1) plus the loss outside it."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.model(batch.images, batch.targets)
+        level_losses = out.level_losses.float()
+        total = self.weighting.combine(level_losses) + out.extra_loss.float()
+        return _Step(it, batch, out, level_losses, total)
+
+    def _agree(self, step: _Step) -> bool:
+        """One all-reduce decides, on every rank alike, whether the loss is finite, whether a signal asks to
+        stop, and whether any rank replaced a corrupt image: one rank acting alone would leave the others
+        waiting in a collective. Built on the device, so its ``tolist`` is the step's one host sync before
+        backward. Returns whether the loss is non-finite on any rank."""
+        host_flags = torch.tensor(
+            [0.0 if self._stop_signal is None else 1.0, float(len(step.batch.skipped))], device=self.device
+        )
+        flags = dist.all_reduce_sum(
+            torch.cat([(~torch.isfinite(step.total.detach())).float().reshape(1), host_flags])
+        ).tolist()
+        if flags[1] > 0:
+            step.stop_signal = self._stop_signal or signal.SIGTERM
+        if flags[2] > 0:
+            self._note_corrupt(step.it, step.batch)
+        return flags[0] > 0
+
+    def _backward(self, step: _Step) -> None:
+        """Backward; a weighting's own parameters (not in the DDP model) get their gradients averaged."""
+        self.optimizer.zero_grad(set_to_none=True)
+        step.total.backward()
+        dist.average_gradients(self._weighting_params)
+        clip = self.cfg.train.clip_grad_norm if self.cfg.train.clip_grad_norm is not None else math.inf
+        step.grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, clip))
+
+    def _skip(self, step: _Step) -> None:
+        """A non-finite loss or gradient: log it, skip the step, stop after too many in a row."""
+        cfg = self.cfg
+        self._bad_in_row += 1
+        self.nonfinite_total += 1
+        msg = self._nonfinite_report(step.it, step.batch, step.out)
+        assert self.log is not None
+        self.log.event(
+            {
+                "iter": step.done,
+                "event": "nonfinite_step_skipped",
+                "detail": msg,
+                "in_a_row": self._bad_in_row,
+                "total": self.nonfinite_total,
+            }
+        )
+        limit = f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}"
+        self._warn(f"{msg}: step skipped ({self._bad_in_row} in a row, {limit})")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._bad_in_row >= cfg.train.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"{msg}; {self._bad_in_row} non-finite steps in a row ({limit}); {self._last_checkpoint_text()}"
+            )
+        self.scheduler.step()
+        if step.stop_signal is not None:
+            # no checkpoint of a state inside a run of bad steps: the last good one stays
+            name = signal.Signals(step.stop_signal).name
+            self._say(f"{name}: stopped at iteration {step.done} (a skipped step); {self._last_checkpoint_text()}")
+            raise Interrupted(step.stop_signal)
+
+    def _optimizer_step(self, step: _Step) -> tuple[float, torch.Tensor]:
+        """The optimizer and the schedule; returns the lr and the weights this step used (on the device,
+        read back only when the step is logged)."""
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return lr, self.weighting.weights.detach().clone()
+
+    def _weighting_step(self, step: _Step) -> None:
+        """The weighting sees each level's measure (plain or trained loss, its ``measure``), detached."""
+        self.weighting.step(step.out.measured(self.weighting.measure).float())
+
+    def _periodic(self, step: _Step, lr: float, weights_used: torch.Tensor) -> None:
+        """Log, progress bar, checkpoint, evaluation and a requested stop, each at its period."""
+        cfg = self.cfg
+        done, max_iter = step.done, cfg.train.max_iter
+        log_now = done % cfg.log.period == 0 or done == max_iter
+        if log_now:
+            self._log_step(step, lr, weights_used.cpu().tolist(), time.perf_counter() - self._t0)
+        if self._pbar is not None:
+            self._pbar.update(1)
+            if log_now:  # total.item() would be a host sync every step
+                self._pbar.set_postfix(loss=f"{step.total.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+        if cfg.checkpoint.period and done % cfg.checkpoint.period == 0 and done < max_iter:
+            self._save(done)
+        if cfg.eval.period and done % cfg.eval.period == 0 and done < max_iter:
+            self._evaluate(done)
+        if step.stop_signal is not None and done < max_iter:
+            if self._last_saved != done:
                 self._save(done)
-            if cfg.eval.period and done % cfg.eval.period == 0 and done < max_iter:
-                self._evaluate(done)
-            if stop_signal is not None and done < max_iter:
-                if self._last_saved != done:
-                    self._save(done)
-                name = signal.Signals(stop_signal).name
-                self._say(f"{name}: saved a checkpoint at iteration {done}; continue with --resume")
-                if pbar is not None:
-                    pbar.close()
-                raise Interrupted(stop_signal)
-        if pbar is not None:
-            pbar.close()
+            name = signal.Signals(step.stop_signal).name
+            self._say(f"{name}: saved a checkpoint at iteration {done}; continue with --resume")
+            raise Interrupted(step.stop_signal)
+
+    def _finish(self) -> dict[str, Any]:
+        max_iter = self.cfg.train.max_iter
         self._iter = max_iter
         self._save(max_iter)
         # From here a signal stops at once: the final checkpoint is written, --resume only re-evaluates.
         self._raise_on_signal = True
         if self._stop_signal is not None:
             raise Interrupted(self._stop_signal)
-        metrics = self._evaluate(max_iter, final=True)
-        return metrics
+        return self._evaluate(max_iter, final=True)
 
-    def _log_step(
-        self, done: int, lr: float, total: torch.Tensor, out: Any, weights: list[float], gnorm: float, secs: float
-    ) -> None:
+    def _log_step(self, step: _Step, lr: float, weights: list[float], secs: float) -> None:
+        """One ``log.jsonl`` record: the engine's own keys, then what the detector and weighting report."""
+        out = step.out
         rec: dict[str, Any] = {
-            "iter": done,
+            "iter": step.done,
             "lr": lr,
-            "loss": float(total.detach()),
+            "loss": float(step.total.detach()),
             "level_names": self.level_names,
             "level_losses": out.level_losses.detach().float().cpu().tolist(),
             "level_weights": weights,
-            "grad_norm": gnorm,
+            "grad_norm": step.grad_norm,
             "time": round(secs, 3),
         }
+        if out.plain_level_losses is not None:
+            rec["level_plain_losses"] = out.plain_level_losses.float().cpu().tolist()
         for name, comp in out.components.items():
             rec[f"level_{name}"] = comp.detach().float().cpu().tolist()
         for name, comp in out.extra_components.items():
             rec[name] = comp.detach().float().cpu().tolist()
-        fields = self.weighting.log_fields()
-        if "rlo_probabilities" in fields:
-            rec["rlo_probabilities"] = fields["rlo_probabilities"]
-            rec["rlo_action"] = fields["rlo_action"]
-        lv = getattr(_unwrap(self.model), "log_variances", None)
-        if lv is not None:
-            for k, v in lv.as_dict().items():
-                rec[f"log_var_{k}"] = v
-            out_of_range = lv.out_of_range()
-            if out_of_range:
-                rec["log_var_out_of_range"] = out_of_range
-            if set(out_of_range) - self._log_var_out:
-                low, high = lv.log_var_range
-                text = ", ".join(f"log_var_{k}={v:.4g}" for k, v in out_of_range.items())
-                assert self.log is not None
-                self.log.event({"iter": done, "event": "log_var_out_of_range", "log_vars": out_of_range})
-                self._warn(
-                    f"iteration {done}: {text} outside loss.log_var_range [{low:g}, {high:g}]; the loss uses "
-                    "the clamped value, which gets no gradient there"
-                )
-            self._log_var_out = set(out_of_range)
+        if out.extra_level_names:
+            rec["extra_level_names"] = list(out.extra_level_names)
+        detector = _unwrap(self.model)
+        rec.update({f"weighting/{k}": v for k, v in self.weighting.log_fields().items()})
+        rec.update({f"loss/{k}": v for k, v in detector.log_fields().items()})
+        self._note_log_var_range(step.done, detector, rec)
         if self.nonfinite_total:
             rec["nonfinite_skipped"] = self.nonfinite_total
         if self.corrupt_images:
             rec["corrupt_images_skipped"] = len(self.corrupt_images)
         assert self.log is not None
         self.log.step(rec)
+
+    def _note_log_var_range(self, done: int, detector: Detector, rec: dict[str, Any]) -> None:
+        """Log-variances outside ``loss.log_var_range``: in the record, and once as an event and a warning."""
+        lv = detector.log_variances
+        if lv is None:
+            return
+        out_of_range = lv.out_of_range()
+        if out_of_range:
+            rec["log_var_out_of_range"] = out_of_range
+        if set(out_of_range) - self._log_var_out:
+            assert lv.log_var_range is not None and self.log is not None
+            low, high = lv.log_var_range
+            text = ", ".join(f"log_var_{k}={v:.4g}" for k, v in out_of_range.items())
+            self.log.event({"iter": done, "event": "log_var_out_of_range", "log_vars": out_of_range})
+            self._warn(
+                f"iteration {done}: {text} outside loss.log_var_range [{low:g}, {high:g}]; the loss uses "
+                "the clamped value, which gets no gradient there"
+            )
+        self._log_var_out = set(out_of_range)
 
     def _evaluate(self, done: int, final: bool = False) -> dict[str, Any]:
         # evaluation must not move any random stream: a resumed run does not repeat it
@@ -611,7 +656,3 @@ class Trainer:
         self.log.metrics(done, metrics, final=final)
         self._say(f"[iter {done}] COCO bbox metrics (%):\n{format_metrics(metrics)}")
         return metrics
-
-
-def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, Any] | None:
-    return Trainer(cfg, out_dir, resume=resume).train()

@@ -5,25 +5,31 @@ as a float or a 0-dim tensor (gradients flow to it). See docs/losses.md for the 
 """
 
 from robustdet.losses._reduction import finite_checks_enabled, set_finite_checks
+from robustdet.losses.config import LossConfig
 from robustdet.losses.focal import (
     bayesian_binary_cross_entropy,
     bayesian_cross_entropy,
     bayesian_focal_loss,
+    bayesian_focal_loss_and_plain,
     sigmoid_focal_loss,
 )
-from robustdet.losses.log_variance import DEFAULT_LOG_VAR_INIT, LogVariances
+from robustdet.losses.log_variance import LogVariances
 from robustdet.losses.smooth_l1 import bayesian_smooth_l1_loss, log_tau, smooth_l1_loss
+from robustdet.losses.task import TaskLoss, task_loss
 
 __all__ = [
-    "DEFAULT_LOG_VAR_INIT",
     "LogVariances",
+    "LossConfig",
+    "TaskLoss",
     "bayesian_binary_cross_entropy",
     "bayesian_cross_entropy",
     "bayesian_focal_loss",
+    "bayesian_focal_loss_and_plain",
     "bayesian_smooth_l1_loss",
     "finite_checks_enabled",
     "log_tau",
     "set_finite_checks",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
+    "task_loss",
 ]

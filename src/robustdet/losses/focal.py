@@ -44,6 +44,7 @@ __all__ = [
     "bayesian_binary_cross_entropy",
     "bayesian_cross_entropy",
     "bayesian_focal_loss",
+    "bayesian_focal_loss_and_plain",
     "sigmoid_focal_loss",
 ]
 
@@ -57,8 +58,13 @@ def _focal_terms(
     reduction: str,
     want_grad_x: bool,
     want_grad_s: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    want_plain: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Loss (reduced), d(loss)/dx and d(loss)/ds of Eq. 16, computed together in one forward call.
+
+    With ``want_plain`` also the plain loss at σ = 1 (the focal loss, Eq. 7), elementwise: the measure the
+    multi-scale weightings take of a Bayesian detector (equations.md, "Bayesian losses with AVW / RLO"),
+    from the CE and log q this pass computes anyway, for three extra elementwise operations.
 
     The gradients are those of the *reduced* loss for "sum"/"mean" (so backward only multiplies by the
     incoming scalar) and elementwise for "none". Derivation, with e = σ⁻² = exp(−s), h = log σ = s/2,
@@ -83,22 +89,7 @@ def _focal_terms(
 
     if gamma == 0.0:
         # Bayesian BCE: no modulating factor, so q and its derivative are never needed.
-        at = _alpha_t(t, alpha)
-        loss = ce.mul_(e).add_(h)
-        if at is not None:
-            loss.mul_(at)
-        grad_x = grad_s = None
-        if want_grad_x:
-            grad_x = log_p.exp_().sub_(t).mul_(e * grad_scale)
-            if at is not None:
-                grad_x.mul_(at)
-        if want_grad_s:
-            c_sum: Tensor | float = at.sum() if at is not None else float(n)
-            if reduction == "none":
-                grad_s = (at if at is not None else torch.ones_like(loss)) * (h + 0.5) - loss
-            else:
-                grad_s = ((h + 0.5) * c_sum - loss.sum()) * grad_scale
-        return reduce(loss, reduction), grad_x, grad_s
+        return _bce_terms(x, t, ce, log_p, e, h, alpha, reduction, grad_scale, want_grad_x, want_grad_s, want_plain)
 
     p = log_p.exp()
     pn = log_p.sub_(x).exp_()  # σ(−x) taken directly: 1 − p would cancel for easy positives
@@ -117,6 +108,11 @@ def _focal_terms(
     if at is not None:
         c.mul_(at)
     c.mul_(torch.exp(-gamma * h))  # σ^(−γ)
+    plain: Tensor | None = None
+    if want_plain:
+        plain = (log_q * gamma).exp_().mul_(ce)
+        if at is not None:
+            plain.mul_(at)
     a = ce.mul_(e).add_(h)
     loss = c * a
 
@@ -135,7 +131,45 @@ def _focal_terms(
             grad_s = c.mul_(h + 0.5).sub_(w.mul_(loss))
         else:
             grad_s = ((h + 0.5) * c.sum() - torch.dot(loss.reshape(-1), w.reshape(-1))) * grad_scale
-    return reduce(loss, reduction), grad_x, grad_s
+    return reduce(loss, reduction), grad_x, grad_s, plain
+
+
+def _bce_terms(
+    x: Tensor,
+    t: Tensor,
+    ce: Tensor,
+    log_p: Tensor,
+    e: Tensor,
+    h: Tensor,
+    alpha: float,
+    reduction: str,
+    grad_scale: float,
+    want_grad_x: bool,
+    want_grad_s: bool,
+    want_plain: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`_focal_terms` for γ = 0 (Eq. 16 without the modulating factor, the Bayesian BCE): loss
+    α_t·(e·CE + h), d/dx = α_t·e·(p − t), d/ds = α_t·(h + 1/2) − loss. ``ce`` and ``log_p`` are consumed."""
+    n = x.numel()
+    at = _alpha_t(t, alpha)
+    plain = None
+    if want_plain:
+        plain = ce * at if at is not None else ce.clone()
+    loss = ce.mul_(e).add_(h)
+    if at is not None:
+        loss.mul_(at)
+    grad_x = grad_s = None
+    if want_grad_x:
+        grad_x = log_p.exp_().sub_(t).mul_(e * grad_scale)
+        if at is not None:
+            grad_x.mul_(at)
+    if want_grad_s:
+        c_sum: Tensor | float = at.sum() if at is not None else float(n)
+        if reduction == "none":
+            grad_s = (at if at is not None else torch.ones_like(loss)) * (h + 0.5) - loss
+        else:
+            grad_s = ((h + 0.5) * c_sum - loss.sum()) * grad_scale
+    return reduce(loss, reduction), grad_x, grad_s, plain
 
 
 def _alpha_t(t: Tensor, alpha: float) -> Tensor | None:
@@ -146,7 +180,11 @@ def _alpha_t(t: Tensor, alpha: float) -> Tensor | None:
 
 
 class _FocalFunction(torch.autograd.Function):
-    """Eq. 16 with a closed-form backward; gradients flow to the logits and to s, not to the targets."""
+    """Eq. 16 with a closed-form backward; gradients flow to the logits and to s, not to the targets.
+
+    Returns (loss, plain): ``plain`` is the elementwise loss at σ = 1 when asked for (no gradient), else
+    an empty tensor.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -159,24 +197,27 @@ class _FocalFunction(torch.autograd.Function):
         reduction: str,
         want_grad_x: bool,
         want_grad_s: bool,
-    ) -> Tensor:
-        loss, grad_x, grad_s = _focal_terms(
-            logits, targets, log_var, alpha, gamma, reduction, want_grad_x, want_grad_s
+        want_plain: bool,
+    ) -> tuple[Tensor, Tensor]:
+        loss, grad_x, grad_s, plain = _focal_terms(
+            logits, targets, log_var, alpha, gamma, reduction, want_grad_x, want_grad_s, want_plain
         )
         ctx.reduced = reduction != "none"
         ctx.save_for_backward(grad_x, grad_s)
-        return loss
+        plain_out = plain if plain is not None else logits.new_empty(0)
+        ctx.mark_non_differentiable(plain_out)
+        return loss, plain_out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: Tensor, _grad_plain: Tensor | None) -> tuple[Tensor | None, ...]:
         grad_x, grad_s = ctx.saved_tensors
         gx = gs = None
         if ctx.needs_input_grad[0] and grad_x is not None:
             gx = grad_x * grad_out
         if ctx.needs_input_grad[2] and grad_s is not None:
             gs = grad_s * grad_out if ctx.reduced else (grad_s * grad_out).sum()
-        return gx, None, gs, None, None, None, None, None
+        return gx, None, gs, None, None, None, None, None, None
 
 
 def _check_focal_args(logits: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
@@ -195,9 +236,9 @@ def _check_focal_args(logits: Tensor, targets: Tensor, alpha: float, gamma: floa
     return targets.to(dtype=logits.dtype)
 
 
-def _focal(
-    logits: Tensor, targets: Tensor, s: Tensor, alpha: float, gamma: float, reduction: str
-) -> Tensor:
+def _focal_with_plain(
+    logits: Tensor, targets: Tensor, s: Tensor, alpha: float, gamma: float, reduction: str, want_plain: bool
+) -> tuple[Tensor, Tensor]:
     grad_on = torch.is_grad_enabled()
     return _FocalFunction.apply(
         logits,
@@ -208,7 +249,27 @@ def _focal(
         reduction,
         grad_on and logits.requires_grad,
         grad_on and s.requires_grad,
+        want_plain,
     )
+
+
+def _focal(logits: Tensor, targets: Tensor, s: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
+    return _focal_with_plain(logits, targets, s, alpha, gamma, reduction, False)[0]
+
+
+def bayesian_focal_loss_and_plain(
+    logits: Tensor,
+    targets: Tensor,
+    log_var: float | Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> tuple[Tensor, Tensor]:
+    """Elementwise (Eq. 16, Eq. 7): the Bayesian focal loss and, detached, the plain focal loss at σ = 1.
+
+    One pass computes both; with ``gamma = 0`` and ``alpha < 0`` they are the Bayesian BCE and the BCE.
+    """
+    targets = _check_focal_args(logits, targets, alpha, gamma, "none")
+    return _focal_with_plain(logits, targets, as_log_var(log_var, logits), alpha, gamma, "none", True)
 
 
 def sigmoid_focal_loss(

@@ -8,10 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_LOG_VAR_INIT", "LogVariances"]
-
-# Paper section 4.2: s_reg = 1.0 for localisation, s_cls = 0.0 for classification.
-DEFAULT_LOG_VAR_INIT: dict[str, float] = {"reg": 1.0, "cls": 0.0}
+__all__ = ["LogVariances"]
 
 
 class LogVariances(nn.Module):
@@ -22,7 +19,8 @@ class LogVariances(nn.Module):
     (docs/losses.md).
 
     Args:
-        init: initial s per task name; ``None`` means the paper's {"reg": 1.0, "cls": 0.0}.
+        init: initial s per task name (a detector's ``loss_tasks``: the paper's s_reg = 1.0, s_cls = 0.0,
+            section 4.2).
         log_var_range: optional (low, high). ``self[name]`` is then s clamped to it with ``torch.clamp``,
             whose gradient is zero outside the range: a parameter that crossed a bound gets no gradient
             from the loss until something else (not the loss) brings it back, so it stays where it was
@@ -31,11 +29,11 @@ class LogVariances(nn.Module):
 
     def __init__(
         self,
-        init: Mapping[str, float] | None = None,
+        init: Mapping[str, float],
         log_var_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
-        values = dict(DEFAULT_LOG_VAR_INIT if init is None else init)
+        values = dict(init)
         if not values:
             raise ValueError("init must name at least one task")
         if log_var_range is not None:

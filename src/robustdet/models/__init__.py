@@ -1,25 +1,30 @@
 """Detectors that return their training loss per pyramid level (``DetectorLosses``)."""
 
 from robustdet.models.backbones import BACKBONES, PYRAMIDS, build_backbone
-from robustdet.models.base import DetectorLosses, level_sums, normalise
-from robustdet.models.build import DETECTORS, build_model
-from robustdet.models.faster_rcnn import PerLevelFasterRCNN, build_faster_rcnn
-from robustdet.models.fcos import PerLevelFCOS, build_fcos
-from robustdet.models.retinanet import PerLevelRetinaNet, build_retinanet
+from robustdet.models.base import Detector, DetectorLosses, ModelSection, level_sums, normalise
+from robustdet.models.build import DETECTORS, build_detector, build_model
+from robustdet.models.dense import DenseDetector
+from robustdet.models.faster_rcnn import FasterRCNNConfig, PerLevelFasterRCNN
+from robustdet.models.fcos import FCOSConfig, PerLevelFCOS
+from robustdet.models.retinanet import PerLevelRetinaNet, RetinaNetConfig
 
 __all__ = [
     "BACKBONES",
     "DETECTORS",
     "PYRAMIDS",
+    "DenseDetector",
+    "Detector",
     "DetectorLosses",
+    "FCOSConfig",
+    "FasterRCNNConfig",
+    "ModelSection",
     "PerLevelFCOS",
     "PerLevelFasterRCNN",
     "PerLevelRetinaNet",
+    "RetinaNetConfig",
     "build_backbone",
-    "build_faster_rcnn",
-    "build_fcos",
+    "build_detector",
     "build_model",
-    "build_retinanet",
     "level_sums",
     "normalise",
 ]

@@ -35,7 +35,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from robustdet.config import ModelConfig
+from robustdet.models.base import ModelSection
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def _extra_block(kind: str, c5_channels: int, fpn_channels: int) -> ExtraFPNBloc
     return block
 
 
-def build_backbone(cfg: ModelConfig, pyramid: str = "p3p7") -> BackboneWithFPN:
+def build_backbone(cfg: ModelSection, pyramid: str = "p3p7") -> BackboneWithFPN:
     """``cfg.backbone`` with an FPN of ``cfg.fpn_channels`` channels giving ``PYRAMIDS[pyramid]``'s levels."""
     spec = BACKBONES[cfg.backbone]
     pyr = PYRAMIDS[pyramid]

@@ -1,34 +1,40 @@
-"""The one table of detectors: ``cfg.model.name`` → builder."""
+"""The one table of detectors: ``model.name`` → class.
+
+Each detector declares its config section (``cls.section``, keyed on ``model.name``) and its loss tasks,
+and builds itself (``cls.from_config``); a new detector is its file plus one row here
+(docs/architecture.md).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-from torch import nn
-
-from robustdet.config import Config
-from robustdet.models.faster_rcnn import build_faster_rcnn
-from robustdet.models.fcos import build_fcos
-from robustdet.models.retinanet import build_retinanet
+from robustdet.losses import LossConfig
+from robustdet.models.base import Detector, as_module
+from robustdet.models.faster_rcnn import PerLevelFasterRCNN
+from robustdet.models.fcos import PerLevelFCOS
+from robustdet.models.retinanet import PerLevelRetinaNet
 
 # Every detector returns DetectorLosses in training and torchvision detections (labels 0..C-1) in eval.
-DETECTORS: dict[str, Callable[[Config, int], nn.Module]] = {
-    "retinanet": build_retinanet,
-    "fcos": build_fcos,
-    "faster_rcnn": build_faster_rcnn,
+DETECTORS: dict[str, type[Detector]] = {
+    "retinanet": PerLevelRetinaNet,
+    "fcos": PerLevelFCOS,
+    "faster_rcnn": PerLevelFasterRCNN,
 }
 
 
-def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The detector ``cfg.model.name`` for ``num_classes`` classes (labels 0..C-1, no background class)."""
+def build_detector(section: Any, loss: LossConfig, num_classes: int) -> Detector:
+    """The detector ``section.name`` for ``num_classes`` classes (labels 0..C-1, no background class)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    builder = DETECTORS.get(cfg.model.name)
-    if builder is None:
-        raise NotImplementedError(
-            f"model.name={cfg.model.name!r} is not implemented yet; available: {', '.join(sorted(DETECTORS))}"
-        )
-    return builder(cfg, num_classes)
+    detector = DETECTORS[section.name].from_config(section, loss, num_classes)
+    as_module(detector)
+    return detector
 
 
-__all__ = ["DETECTORS", "build_model"]
+def build_model(cfg: Any, num_classes: int) -> Any:
+    """``build_detector`` from a whole run ``Config`` (its ``model`` and ``loss`` sections)."""
+    return build_detector(cfg.model, cfg.loss, num_classes)
+
+
+__all__ = ["DETECTORS", "build_detector", "build_model"]

@@ -34,27 +34,20 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial
+from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign
 
-from robustdet.config import Config, LossConfig
-from robustdet.losses import (
-    LogVariances,
-    bayesian_binary_cross_entropy,
-    bayesian_cross_entropy,
-    bayesian_smooth_l1_loss,
-    smooth_l1_loss,
-)
+from robustdet.losses import LogVariances, LossConfig, task_loss
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import build_backbone, level_names
-from robustdet.models.base import DetectorLosses, build_log_variances
-from robustdet.models.retinanet import PerLevelRetinaNet
+from robustdet.models.base import Detector, DetectorLosses, ModelSection, check_per_level, loss_dtype
 
 # torchvision's FasterRCNN: 7x7 RoIAlign with 2 samples per bin from P2-P5, a 1024-wide box head
 ROI_FEATURE_MAPS = ["0", "1", "2", "3"]
@@ -66,10 +59,29 @@ CANONICAL_SCALE = 224
 CANONICAL_P2_ANCHOR = 32.0
 
 
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    # bf16 head outputs under autocast: losses, anchors and decoding in float32 (an anchor at x = 1000
-    # is off by 4 px in bf16); float64 stays float64 for the equivalence tests
-    return torch.promote_types(dtype, torch.float32)
+PYRAMID = "p2p6"
+
+
+class FasterRCNNConfig(ModelSection):
+    """``model.name: faster_rcnn``: RPN anchors on P2-P6 and the RPN / RoI-head sampling sizes.
+
+    Anchors: level i gets sizes ``anchor_sizes[i] × anchor_scales`` at every ``aspect_ratios`` entry
+    (Faster R-CNN's FPN convention, and the default, is a single scale). The sampling sizes and the
+    other RPN / RoI settings are torchvision's defaults; ``box_batch_size_per_image`` is the main cost
+    of an iteration on a CPU (every sampled RoI goes through the box head).
+    """
+
+    name: Literal["faster_rcnn"] = "faster_rcnn"
+    anchor_sizes: list[float] = Field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])
+    anchor_scales: list[float] = Field(default_factory=lambda: [1.0])
+    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_batch_size_per_image: int = Field(256, ge=1)
+    box_batch_size_per_image: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> FasterRCNNConfig:
+        check_per_level("anchor_sizes", self.anchor_sizes, len(level_names(PYRAMID)), "anchor size")
+        return self
 
 
 def sum_by_level(values: Tensor, levels: Tensor, num_levels: int) -> Tensor:
@@ -82,7 +94,7 @@ def sum_by_level(values: Tensor, levels: Tensor, num_levels: int) -> Tensor:
     return torch.where(hit, values[None, :], 0.0).sum(dim=1)
 
 
-class PerLevelFasterRCNN(FasterRCNN):
+class PerLevelFasterRCNN(Detector, FasterRCNN):
     """torchvision's Faster R-CNN (FPN) with per-level training losses (``DetectorLosses``).
 
     ``num_classes`` counts the object classes only (labels 0..C-1); the predictor has C + 1 outputs,
@@ -92,6 +104,10 @@ class PerLevelFasterRCNN(FasterRCNN):
     (boxes in input-image pixels) with labels 0..C-1. ``log_variances`` holds s_rpn_cls, s_rpn_reg,
     s_roi_cls, s_roi_reg when the loss is Bayesian, else None.
     """
+
+    section = FasterRCNNConfig
+    # one s per task of both stages (Khanzhina et al. section 4.2: s_reg 1, s_cls 0)
+    loss_tasks: ClassVar[dict[str, float]] = {"rpn_cls": 0.0, "rpn_reg": 1.0, "roi_cls": 0.0, "roi_reg": 1.0}
 
     def __init__(
         self,
@@ -118,9 +134,56 @@ class PerLevelFasterRCNN(FasterRCNN):
             raise ValueError(f"box_roi_pool must pool from {ROI_FEATURE_MAPS} (P2-P5), got {roi_pool.featmap_names}")
         self.loss_cfg = loss
         self.num_classes = num_classes
-        self.level_names = level_names("p2p6")[: len(ROI_FEATURE_MAPS)]  # P2-P5: the RoI levels, weighted
-        self.rpn_level_names = level_names("p2p6")  # P2-P6: the RPN's anchor levels, logged
+        self.level_names = level_names(PYRAMID)[: len(ROI_FEATURE_MAPS)]  # P2-P5: the RoI levels, weighted
+        self.rpn_level_names = level_names(PYRAMID)  # P2-P6: the RPN's anchor levels, logged
         self.log_variances = log_variances if loss.bayesian else None
+
+    @classmethod
+    def from_config(cls, section: FasterRCNNConfig, loss: LossConfig, num_classes: int) -> PerLevelFasterRCNN:
+        """Faster R-CNN: backbone P2-P6 (P6 max-pooled), RPN, RoI head.
+
+        ``model.head_norm: group_norm`` gives the box head torchvision's ``FastRCNNConvFCHead`` (4 conv + 1
+        fc, as ``fasterrcnn_resnet50_fpn_v2``) with GroupNorm; ``none`` the paper's two-fc ``TwoMLPHead``.
+        IoU thresholds and proposal counts are torchvision's defaults.
+        """
+        m = section
+        backbone = build_backbone(m, PYRAMID)
+        channels = backbone.out_channels
+        anchor_generator = build_anchor_generator(m.anchor_sizes, m.anchor_scales, m.aspect_ratios)
+        rpn_head = RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
+        roi_pool = MultiScaleRoIAlign(
+            ROI_FEATURE_MAPS, ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO, canonical_scale=canonical_scale(m.anchor_sizes)
+        )
+        box_head: nn.Module
+        if m.head_norm == "group_norm":
+            box_head = FastRCNNConvFCHead(
+                (channels, ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE),
+                [channels] * 4,
+                [REPRESENTATION_SIZE],
+                norm_layer=partial(nn.GroupNorm, m.group_norm_groups),
+            )
+        else:
+            box_head = TwoMLPHead(channels * ROI_OUTPUT_SIZE**2, REPRESENTATION_SIZE)
+        return cls(
+            backbone,
+            num_classes,
+            loss=loss,
+            log_variances=cls.build_log_variances(loss),
+            rpn_batch_size_per_image=m.rpn_batch_size_per_image,
+            box_batch_size_per_image=m.box_batch_size_per_image,
+            min_size=m.min_size,
+            max_size=m.max_size,
+            image_mean=list(m.image_mean),
+            image_std=list(m.image_std),
+            rpn_anchor_generator=anchor_generator,
+            rpn_head=rpn_head,
+            box_roi_pool=roi_pool,
+            box_head=box_head,
+            box_predictor=FastRCNNPredictor(REPRESENTATION_SIZE, num_classes + 1),
+            box_score_thresh=m.score_thresh,
+            box_nms_thresh=m.nms_thresh,
+            box_detections_per_img=m.detections_per_img,
+        )
 
     # --- forward -------------------------------------------------------------------------------
 
@@ -146,7 +209,7 @@ class PerLevelFasterRCNN(FasterRCNN):
             detections = self._detect(features, proposals, image_list.image_sizes)
             return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
         assert rpn_losses is not None and targets is not None
-        roi_cls, roi_reg = self._roi_losses(features, proposals, image_list.image_sizes, targets)
+        roi_cls, roi_reg, roi_plain = self._roi_losses(features, proposals, image_list.image_sizes, targets)
         rpn_cls, rpn_reg = rpn_losses
         return DetectorLosses(
             level_names=list(self.level_names),
@@ -154,6 +217,8 @@ class PerLevelFasterRCNN(FasterRCNN):
             components={"roi_cls": roi_cls.detach(), "roi_reg": roi_reg.detach()},
             extra_loss=rpn_cls.sum() + rpn_reg.sum(),
             extra_components={"rpn_cls": rpn_cls.detach(), "rpn_reg": rpn_reg.detach()},
+            extra_level_names=list(self.rpn_level_names),
+            plain_level_losses=roi_plain if self.log_variances is not None else None,
         )
 
     def batch_anchors(self, image_list: ImageList, features: list[Tensor]) -> list[Tensor]:
@@ -162,7 +227,7 @@ class PerLevelFasterRCNN(FasterRCNN):
         Empty stand-ins for the feature maps make torchvision's generator produce them in float32 even
         under bf16 autocast (it reads only the shapes, dtype and device of the maps).
         """
-        dtype = _loss_dtype(features[0].dtype)
+        dtype = loss_dtype(features[0].dtype)
         shapes = [f.new_empty((0, 0, *f.shape[-2:]), dtype=dtype) for f in features]
         return self.rpn.anchor_generator(image_list, shapes)
 
@@ -182,7 +247,7 @@ class PerLevelFasterRCNN(FasterRCNN):
         anchors = self.batch_anchors(image_list, feature_list)
         counts = [int(o[0].numel()) for o in objectness]  # A·H·W anchors per level
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)  # [B·A, 1], [B·A, 4]
-        dtype = _loss_dtype(objectness.dtype)
+        dtype = loss_dtype(objectness.dtype)
         objectness, deltas = objectness.to(dtype), deltas.to(dtype)
         # proposals do not backpropagate into the RPN (torchvision detaches them too)
         proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
@@ -200,8 +265,8 @@ class PerLevelFasterRCNN(FasterRCNN):
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]],
-    ) -> tuple[Tensor, Tensor]:
-        """torchvision's ``RoIHeads.forward`` (training, boxes only) with per-level losses."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """torchvision's ``RoIHeads.forward`` (training, boxes only) with per-level losses (and plain total)."""
         heads = self.roi_heads
         proposals, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
         class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)
@@ -214,7 +279,7 @@ class PerLevelFasterRCNN(FasterRCNN):
         heads = self.roi_heads
         pooled = heads.box_roi_pool(features, proposals, image_sizes)
         class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
-        dtype = _loss_dtype(class_logits.dtype)
+        dtype = loss_dtype(class_logits.dtype)
         return class_logits.to(dtype), box_regression.to(dtype)
 
     def roi_levels(self, proposals: list[Tensor]) -> Tensor:
@@ -241,15 +306,6 @@ class PerLevelFasterRCNN(FasterRCNN):
         ]
 
     # --- losses --------------------------------------------------------------------------------
-
-    def _box_loss(self, deltas: Tensor, target_deltas: Tensor, task: str) -> Tensor:
-        """Per-element (Bayesian) smooth L1 [N, 4]: Eq. 14 with s_task when Bayesian, else Eq. 6."""
-        cfg = self.loss_cfg
-        beta = 0.0 if cfg.box_loss == "l1" else cfg.beta
-        lv = self.log_variances
-        if lv is not None:
-            return bayesian_smooth_l1_loss(deltas, target_deltas, lv[task], beta=beta, reduction="none")
-        return smooth_l1_loss(deltas, target_deltas, beta=beta, reduction="none")
 
     def rpn_level_losses(
         self,
@@ -287,14 +343,10 @@ class PerLevelFasterRCNN(FasterRCNN):
         targets_all = torch.cat(regression_targets, dim=0)
         logits = objectness.flatten()[sampled]
         target = torch.cat(labels, dim=0)[sampled].to(logits.dtype)
-        lv = self.log_variances
-        if lv is not None:
-            cls = bayesian_binary_cross_entropy(logits, target, lv["rpn_cls"], reduction="none")
-        else:
-            cls = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        cls = task_loss("bce", logits, target, self.log_var("rpn_cls"), cfg).value
         # indexing the positives, not masking all anchors: an image without boxes has −inf targets
         # (log 0 in the encoding), finite only where torchvision never looks
-        reg = self._box_loss(deltas[pos], targets_all[pos], "rpn_reg").sum(dim=1)
+        reg = task_loss("box", deltas[pos], targets_all[pos], self.log_var("rpn_reg"), cfg).value
         num_levels = len(counts)
         cls_levels = cfg.cls_weight * sum_by_level(cls, level[sampled], num_levels) / num_sampled
         reg_levels = sum_by_level(reg, level[pos], num_levels) / num_sampled
@@ -307,8 +359,9 @@ class PerLevelFasterRCNN(FasterRCNN):
         labels: list[Tensor],
         regression_targets: list[Tensor],
         levels: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """Box-head classification and regression losses per RoI level (roi_cls, roi_reg), each [4].
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Box-head classification and regression losses per RoI level (roi_cls, roi_reg), each [4], and
+        their plain (σ = 1, detached) sum per level, the weightings' measure when Bayesian.
 
         ``class_logits`` [R, C+1], ``box_regression`` [R, 4·(C+1)] for the R sampled RoIs of the batch,
         ``labels`` per image (0 = background, 1..C), ``regression_targets`` per image [R_b, 4] (weights
@@ -320,25 +373,16 @@ class PerLevelFasterRCNN(FasterRCNN):
         labels_all = torch.cat(labels, dim=0)
         targets_all = torch.cat(regression_targets, dim=0)
         num_rois = max(1, labels_all.numel())
-        lv = self.log_variances
-        if lv is not None:
-            cls = bayesian_cross_entropy(class_logits, labels_all, lv["roi_cls"], reduction="none")
-        else:
-            cls = F.cross_entropy(class_logits, labels_all, reduction="none")
+        cls = task_loss("ce", class_logits, labels_all, self.log_var("roi_cls"), cfg)
         pos = torch.where(labels_all > 0)[0]
         per_class = box_regression.reshape(box_regression.shape[0], -1, 4)
-        reg = self._box_loss(per_class[pos, labels_all[pos]], targets_all[pos], "roi_reg").sum(dim=1)
+        reg = task_loss("box", per_class[pos, labels_all[pos]], targets_all[pos], self.log_var("roi_reg"), cfg)
         num_levels = len(self.level_names)
-        cls_levels = cfg.cls_weight * sum_by_level(cls, levels, num_levels) / num_rois
-        reg_levels = sum_by_level(reg, levels[pos], num_levels) / num_rois
-        return cls_levels, reg_levels
-
-    # --- checks --------------------------------------------------------------------------------
-
-    # RetinaNet's checks and messages (shapes and dtypes; boxes with positive size and labels 0..C-1
-    # after resizing, one host sync for the batch), applied before the +1 shift
-    _check_target_shapes = PerLevelRetinaNet._check_target_shapes
-    _check_boxes = PerLevelRetinaNet._check_boxes
+        cls_levels = cfg.cls_weight * sum_by_level(cls.value, levels, num_levels) / num_rois
+        reg_levels = sum_by_level(reg.value, levels[pos], num_levels) / num_rois
+        plain_cls = cfg.cls_weight * sum_by_level(cls.plain, levels, num_levels)
+        plain = (plain_cls + sum_by_level(reg.plain, levels[pos], num_levels)) / num_rois
+        return cls_levels, reg_levels, plain
 
 
 def canonical_scale(anchor_sizes: list[float]) -> int:
@@ -353,59 +397,4 @@ def canonical_scale(anchor_sizes: list[float]) -> int:
     return max(1, round(CANONICAL_SCALE * float(anchor_sizes[0]) / CANONICAL_P2_ANCHOR))
 
 
-def build_faster_rcnn(cfg: Config, num_classes: int) -> PerLevelFasterRCNN:
-    """Faster R-CNN from ``cfg.model`` / ``cfg.loss``: backbone P2-P6 (P6 max-pooled), RPN, RoI head.
-
-    Anchors: level i ∈ P2..P6 gets sizes ``anchor_sizes[i] × anchor_scales`` at every ``aspect_ratios``
-    entry, the rule RetinaNet uses; Faster R-CNN's FPN convention (and the configs in
-    ``configs/faster_rcnn``) is a single scale, ``anchor_scales: [1.0]``. The RPN and RoI sampling sizes,
-    IoU thresholds and proposal counts are torchvision's defaults (``model.fg_iou_thresh`` /
-    ``bg_iou_thresh`` / ``topk_candidates`` / ``prior_probability`` are RetinaNet's and unused here).
-    ``model.head_norm: group_norm`` gives the box head torchvision's ``FastRCNNConvFCHead`` (4 conv + 1 fc,
-    as ``fasterrcnn_resnet50_fpn_v2``) with GroupNorm; ``none`` the paper's two-fc ``TwoMLPHead``.
-    """
-    m = cfg.model
-    names = level_names("p2p6")
-    if len(m.anchor_sizes) != len(names):
-        raise ValueError(
-            f"model.anchor_sizes needs one size per level {names} for Faster R-CNN, got {len(m.anchor_sizes)}: "
-            f"{m.anchor_sizes}"
-        )
-    backbone = build_backbone(m, "p2p6")
-    channels = backbone.out_channels
-    anchor_generator = build_anchor_generator(m.anchor_sizes, m.anchor_scales, m.aspect_ratios)
-    rpn_head = RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
-    roi_pool = MultiScaleRoIAlign(
-        ROI_FEATURE_MAPS, ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO, canonical_scale=canonical_scale(m.anchor_sizes)
-    )
-    box_head: nn.Module
-    if m.head_norm == "group_norm":
-        box_head = FastRCNNConvFCHead(
-            (channels, ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE),
-            [channels] * 4,
-            [REPRESENTATION_SIZE],
-            norm_layer=partial(nn.GroupNorm, m.group_norm_groups),
-        )
-    else:
-        box_head = TwoMLPHead(channels * ROI_OUTPUT_SIZE**2, REPRESENTATION_SIZE)
-    return PerLevelFasterRCNN(
-        backbone,
-        num_classes,
-        loss=cfg.loss,
-        log_variances=build_log_variances(cfg),
-        min_size=m.min_size,
-        max_size=m.max_size,
-        image_mean=list(m.image_mean),
-        image_std=list(m.image_std),
-        rpn_anchor_generator=anchor_generator,
-        rpn_head=rpn_head,
-        box_roi_pool=roi_pool,
-        box_head=box_head,
-        box_predictor=FastRCNNPredictor(REPRESENTATION_SIZE, num_classes + 1),
-        box_score_thresh=m.score_thresh,
-        box_nms_thresh=m.nms_thresh,
-        box_detections_per_img=m.detections_per_img,
-    )
-
-
-__all__ = ["PerLevelFasterRCNN", "build_faster_rcnn", "canonical_scale", "sum_by_level"]
+__all__ = ["FasterRCNNConfig", "PerLevelFasterRCNN", "canonical_scale", "sum_by_level"]

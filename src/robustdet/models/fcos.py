@@ -15,7 +15,7 @@ foreground for box g when
     3. m_i < max(l, t, r, b) < m_{i+1}                             (the level's regression range)
 
 with (l, t, r, b) the distances from p to the sides of g; among several such boxes it takes the one of
-least area. m_i = ``model.anchor_sizes[i]`` except m_0 = 0 and m_5 = ∞ (see :func:`build_fcos`).
+least area. m_1..m_4 = ``model.regression_ranges``, m_0 = 0 and m_5 = ∞ (:func:`fcos_range_bounds`).
 
 Loss (``docs/models.md``, "FCOS"), for image b, level i, n_b foreground locations:
 
@@ -43,24 +43,55 @@ from __future__ import annotations
 import itertools
 import math
 from functools import partial
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSHead, FCOSRegressionHead
-from torchvision.ops import generalized_box_iou_loss
 
-from robustdet.config import Config, LossConfig
-from robustdet.losses import LogVariances, bayesian_smooth_l1_loss, smooth_l1_loss
+from robustdet.losses import LogVariances, LossConfig, TaskLoss
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
-from robustdet.models.base import DetectorLosses, build_log_variances, level_sums, normalise
+from robustdet.models.base import DetectorLosses, check_per_level, loss_dtype
+from robustdet.models.dense import DenseDetector, DenseSection, masked
 from robustdet.models.matching import pad_boxes
-from robustdet.models.retinanet import GIOU_EPS, PerLevelRetinaNet, _loss_dtype
 
 PYRAMID = "p3p7_from_p5"
 CENTER_SAMPLING_RADIUS = 1.5  # torchvision's default (FCOS "center sampling", in units of the stride)
 # torchvision's tie-break: a matching box scores 1e8 − area in float32, the largest score wins
 _AREA_OFFSET = 1e8
+
+
+class FCOSConfig(DenseSection):
+    """``model.name: fcos``: the boundaries between the levels' regression ranges, and centre sampling.
+
+    Level i regresses the locations whose largest distance to the box sides, max(l, t, r, b), lies in
+    (m_i, m_{i+1}); ``regression_ranges`` are m_1..m_4 (P3 takes everything below m_1, P7 everything
+    above m_4). The default (64, 128, 256, 512) is the FCOS paper's and torchvision's.
+    """
+
+    name: Literal["fcos"] = "fcos"
+    regression_ranges: list[float] = Field(default_factory=lambda: [64.0, 128.0, 256.0, 512.0])
+    center_sampling_radius: float = Field(CENTER_SAMPLING_RADIUS, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "anchor_sizes" in data:
+            sizes = data["anchor_sizes"]
+            hint = f" [{', '.join(f'{v:g}' for v in sizes[1:])}]" if isinstance(sizes, list) and sizes else ""
+            raise ValueError(
+                "model.anchor_sizes is not a key of fcos (FCOS has no anchors): its regression ranges are "
+                f"model.regression_ranges, the boundaries between levels, i.e. the old anchor_sizes[1:]{hint}"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> FCOSConfig:
+        check_per_level("regression_ranges", [0.0, *self.regression_ranges], len(level_names(PYRAMID)), "bound")
+        fcos_range_bounds(self.regression_ranges)
+        return self
 
 
 def assign_points(
@@ -105,13 +136,17 @@ def assign_points(
     return index.masked_fill_(best < 1e-5, -1)
 
 
-class PerLevelFCOS(FCOS):
+class PerLevelFCOS(DenseDetector, FCOS):
     """torchvision's FCOS with a batched, per-level training loss (``DetectorLosses``).
 
     Evaluation mode returns torchvision's detections (boxes in input-image pixels, labels 0..C-1, scores
     sqrt(p_cls · p_ctr)). ``log_variances`` holds s_cls and s_reg when the loss is Bayesian, else None.
     ``range_bounds`` are m_0..m_L of the levels' regression ranges (m_0 = 0, m_L = ∞).
     """
+
+    section = FCOSConfig
+    # Khanzhina et al. section 4.2; centerness stays plain BCE
+    loss_tasks: ClassVar[dict[str, float]] = {"cls": 0.0, "reg": 1.0}
 
     def __init__(
         self,
@@ -135,19 +170,59 @@ class PerLevelFCOS(FCOS):
         self.range_bounds = [float(b) for b in range_bounds]
         self.log_variances = log_variances if loss.bayesian else None
 
-    # Shared with RetinaNet (they read only anchor_generator, transform, postprocess_detections,
-    # num_classes, loss_cfg and log_variances, which both detectors have): points shared by the padded
-    # batch in float32 even under autocast, eval decoding in that dtype, the chunked (Bayesian) focal
-    # loss, and the target checks with one host sync per batch.
-    batch_anchors = PerLevelRetinaNet.batch_anchors
-    _detect = PerLevelRetinaNet._detect
-    _focal_per_anchor = PerLevelRetinaNet._focal_per_anchor
-    _check_target_shapes = PerLevelRetinaNet._check_target_shapes
-    _check_boxes = PerLevelRetinaNet._check_boxes
+    @classmethod
+    def from_config(cls, section: FCOSConfig, loss: LossConfig, num_classes: int) -> PerLevelFCOS:
+        """FCOS: backbone P3-P7 (P6/P7 from P5), one point per location, head.
 
-    # the same steps as RetinaNet's (transform, backbone, head, shared points, loss or detections); the
-    # methods it calls (batch_anchors, compute_level_losses, _detect) are FCOS's own
-    forward = PerLevelRetinaNet.forward
+        - ``model.regression_ranges`` set the levels' ranges (:func:`fcos_range_bounds`). The points
+          themselves are torchvision's: squares of the level's stride (8, ..., 128), which set the
+          centre-sampling radius (in strides) and the unit of the regressed distances.
+        - ``model.head_norm``: ``group_norm`` gives the head GroupNorm with ``group_norm_groups`` groups
+          (torchvision's FCOS, and the paper, always use GroupNorm(32)); ``none`` gives no normalisation.
+        - ``prior_probability`` sets the initial classification bias; score and NMS thresholds,
+          ``detections_per_img`` and ``topk_candidates`` go to torchvision's post-processing, where the
+          score is sqrt(p_cls · p_ctr).
+        """
+        m = section
+        names = level_names(PYRAMID)
+        backbone = build_backbone(m, PYRAMID)
+        first_stride = PYRAMIDS[PYRAMID].strides[0]
+        strides = tuple(first_stride * 2**i for i in range(len(names)))
+        points = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(names))
+        norm_layer = partial(nn.GroupNorm, m.group_norm_groups) if m.head_norm == "group_norm" else nn.Identity
+        # FCOSHead builds its sub-heads with GroupNorm(32) and has no norm argument; num_convs=0 makes it
+        # build none, and the sub-heads are replaced with the configured ones (same parameter names).
+        head = FCOSHead(backbone.out_channels, 1, num_classes, num_convs=0)
+        head.classification_head = FCOSClassificationHead(
+            backbone.out_channels, 1, num_classes, prior_probability=m.prior_probability, norm_layer=norm_layer
+        )
+        head.regression_head = FCOSRegressionHead(backbone.out_channels, 1, norm_layer=norm_layer)
+        return cls(
+            backbone,
+            num_classes,
+            loss=loss,
+            level_names=names,
+            range_bounds=fcos_range_bounds(m.regression_ranges),
+            log_variances=cls.build_log_variances(loss),
+            min_size=m.min_size,
+            max_size=m.max_size,
+            image_mean=list(m.image_mean),
+            image_std=list(m.image_std),
+            anchor_generator=points,
+            head=head,
+            center_sampling_radius=m.center_sampling_radius,
+            score_thresh=m.score_thresh,
+            nms_thresh=m.nms_thresh,
+            detections_per_img=m.detections_per_img,
+            topk_candidates=m.topk_candidates,
+        )
+
+    def encode_boxes(self, boxes: Tensor, anchors: Tensor) -> Tensor:
+        """(l, t, r, b) / s of ``boxes`` from the points (torchvision's ``BoxLinearCoder``, normalised)."""
+        return self.head.box_coder.encode(anchors, boxes)
+
+    def decode_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self.head.box_coder.decode(regression, anchors)
 
     def point_ranges(self, counts: list[int], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """Each location's regression range (lower, upper) [A]: (m_i, m_{i+1}) of its level i."""
@@ -173,8 +248,7 @@ class PerLevelFCOS(FCOS):
         ``targets`` are in the transformed (resized) coordinates, ``points`` [A, 4] shared by the batch,
         ``counts`` the locations of each level in head-output order.
         """
-        cfg = self.loss_cfg
-        dtype = _loss_dtype(head_outputs["cls_logits"].dtype)
+        dtype = loss_dtype(head_outputs["cls_logits"].dtype)
         logits = head_outputs["cls_logits"].to(dtype)
         distances = head_outputs["bbox_regression"].to(dtype)
         ctr_logits = head_outputs["bbox_ctrness"].to(dtype).squeeze(dim=2)
@@ -187,34 +261,17 @@ class PerLevelFCOS(FCOS):
         lower, upper = self.point_ranges(counts, dtype, points.device)
         assigned = assign_points(points, counts, gt_boxes, gt_valid, lower, upper, self.center_sampling_radius)
         foreground = assigned >= 0
-        num_foreground = foreground.sum(dim=1)
         gt_index = assigned.clamp(min=0)
 
         # FCOS ignores no location: every one enters the classification loss
         labels = gt_labels.gather(1, gt_index)
-        cls_point = self._focal_per_anchor(logits, labels, foreground)
+        cls = self.classification_loss(logits, labels, foreground)
 
         matched_boxes = gt_boxes.gather(1, gt_index[..., None].expand(batch, num_points, 4))
         batch_points = points.expand(batch, num_points, 4)
-        coder = self.head.box_coder
         # (l, t, r, b) / s of the assigned box; for background locations it is finite junk (masked below)
-        target_distances = coder.encode(batch_points, matched_boxes)
-        if cfg.box_loss == "giou":
-            predicted = coder.decode(distances, batch_points)
-            reg_point = generalized_box_iou_loss(
-                predicted.reshape(-1, 4), matched_boxes.reshape(-1, 4), reduction="none", eps=GIOU_EPS
-            ).view(batch, num_points)
-        else:
-            beta = 0.0 if cfg.box_loss == "l1" else cfg.beta
-            lv = self.log_variances
-            if lv is not None:
-                reg_elem = bayesian_smooth_l1_loss(
-                    distances, target_distances, lv["reg"], beta=beta, reduction="none"
-                )
-            else:
-                reg_elem = smooth_l1_loss(distances, target_distances, beta=beta, reduction="none")
-            reg_point = reg_elem.sum(dim=2)
-        reg_point = torch.where(foreground, reg_point, 0.0)
+        target_distances = self.encode_boxes(matched_boxes, batch_points)
+        reg = masked(self.box_loss(distances, batch_points, matched_boxes, target_distances), foreground)
 
         lr, tb = target_distances[..., 0::2], target_distances[..., 1::2]
         ctr_target = torch.sqrt(
@@ -224,88 +281,20 @@ class PerLevelFCOS(FCOS):
         # gradient (p − target) would otherwise carry the NaN through the mask
         ctr_target = torch.where(foreground, ctr_target, 0.0)
         ctr_point = nn.functional.binary_cross_entropy_with_logits(ctr_logits, ctr_target, reduction="none")
-        ctr_point = torch.where(foreground, ctr_point, 0.0)
-
-        cls_levels = cfg.cls_weight * normalise(
-            level_sums(cls_point, counts), num_foreground, cfg.normalization
-        )
-        reg_levels = normalise(level_sums(reg_point, counts), num_foreground, cfg.normalization)
-        ctr_levels = normalise(level_sums(ctr_point, counts), num_foreground, cfg.normalization)
-        return DetectorLosses(
-            level_names=list(self.level_names),
-            level_losses=cls_levels + reg_levels + ctr_levels,
-            components={"cls": cls_levels.detach(), "reg": reg_levels.detach(), "ctr": ctr_levels.detach()},
-            extra_loss=logits.new_zeros(()),
-            extra_components={},
-        )
+        ctr = masked(TaskLoss(ctr_point, ctr_point.detach()), foreground)
+        return self.level_output({"cls": cls, "reg": reg, "ctr": ctr}, counts, foreground.sum(dim=1))
 
 
-def fcos_range_bounds(anchor_sizes: list[float]) -> list[float]:
-    """m_0..m_L from ``model.anchor_sizes``: level i takes max(l, t, r, b) in (sizes[i], sizes[i+1]).
+def fcos_range_bounds(regression_ranges: list[float]) -> list[float]:
+    """m_0..m_L from ``model.regression_ranges`` (m_1..m_{L−1}): level i takes max(l, t, r, b) in (m_i, m_{i+1}).
 
     The lowest level takes everything below (m_0 = 0) and the highest everything above (m_L = ∞), as in
-    the FCOS paper and torchvision. The default sizes (32, 64, 128, 256, 512) give torchvision's and the
-    paper's ranges exactly: 4 and 8 times each level's stride.
+    the FCOS paper and torchvision. The default (64, 128, 256, 512) gives torchvision's and the paper's
+    ranges exactly: 4 and 8 times each level's stride.
     """
-    if any(b <= a for a, b in itertools.pairwise(anchor_sizes)) or anchor_sizes[0] <= 0:
-        raise ValueError(
-            f"model.anchor_sizes for FCOS are the lower ends of the levels' regression ranges and must be "
-            f"positive and increasing, got {anchor_sizes}"
-        )
-    return [0.0, *(float(s) for s in anchor_sizes[1:]), math.inf]
+    if any(b <= a for a, b in itertools.pairwise(regression_ranges)) or regression_ranges[0] <= 0:
+        raise ValueError(f"model.regression_ranges must be positive and increasing, got {regression_ranges}")
+    return [0.0, *(float(s) for s in regression_ranges), math.inf]
 
 
-def build_fcos(cfg: Config, num_classes: int) -> PerLevelFCOS:
-    """FCOS from ``cfg.model`` / ``cfg.loss``: backbone P3-P7 (P6/P7 from P5), one point per location, head.
-
-    - ``model.anchor_sizes`` (one per level) set the regression ranges (:func:`fcos_range_bounds`);
-      ``anchor_scales``, ``aspect_ratios`` and the IoU thresholds have no meaning for FCOS and are unused.
-      The points themselves are torchvision's: squares of the level's stride (8, ..., 128), which set the
-      centre-sampling radius (1.5 strides) and the unit of the regressed distances.
-    - ``model.head_norm``: ``group_norm`` gives the head GroupNorm with ``group_norm_groups`` groups
-      (torchvision's FCOS, and the paper, always use GroupNorm(32)); ``none`` gives no normalisation.
-    - ``prior_probability`` sets the initial classification bias; score and NMS thresholds,
-      ``detections_per_img`` and ``topk_candidates`` go to torchvision's post-processing, where the score
-      is sqrt(p_cls · p_ctr).
-    """
-    m = cfg.model
-    names = level_names(PYRAMID)
-    if len(m.anchor_sizes) != len(names):
-        raise ValueError(
-            f"model.anchor_sizes needs one size per level {names}, got {len(m.anchor_sizes)}: {m.anchor_sizes}"
-        )
-    bounds = fcos_range_bounds(list(m.anchor_sizes))
-    backbone = build_backbone(m, PYRAMID)
-    first_stride = PYRAMIDS[PYRAMID].strides[0]
-    strides = tuple(first_stride * 2**i for i in range(len(names)))
-    points = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(names))
-    norm_layer = partial(nn.GroupNorm, m.group_norm_groups) if m.head_norm == "group_norm" else nn.Identity
-    # FCOSHead builds its sub-heads with GroupNorm(32) and has no norm argument; num_convs=0 makes it
-    # build none, and the sub-heads are replaced with the configured ones (same parameter names).
-    head = FCOSHead(backbone.out_channels, 1, num_classes, num_convs=0)
-    head.classification_head = FCOSClassificationHead(
-        backbone.out_channels, 1, num_classes, prior_probability=m.prior_probability, norm_layer=norm_layer
-    )
-    head.regression_head = FCOSRegressionHead(backbone.out_channels, 1, norm_layer=norm_layer)
-    return PerLevelFCOS(
-        backbone,
-        num_classes,
-        loss=cfg.loss,
-        level_names=names,
-        range_bounds=bounds,
-        log_variances=build_log_variances(cfg),
-        min_size=m.min_size,
-        max_size=m.max_size,
-        image_mean=list(m.image_mean),
-        image_std=list(m.image_std),
-        anchor_generator=points,
-        head=head,
-        center_sampling_radius=CENTER_SAMPLING_RADIUS,
-        score_thresh=m.score_thresh,
-        nms_thresh=m.nms_thresh,
-        detections_per_img=m.detections_per_img,
-        topk_candidates=m.topk_candidates,
-    )
-
-
-__all__ = ["PerLevelFCOS", "assign_points", "build_fcos", "fcos_range_bounds"]
+__all__ = ["FCOSConfig", "PerLevelFCOS", "assign_points", "fcos_range_bounds"]

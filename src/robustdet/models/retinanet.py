@@ -21,46 +21,52 @@ with N the per-image or per-batch normalisation of ``base.normalise``; Σ_i L_i 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from functools import partial
+from typing import ClassVar, Literal
 
-import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
-from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
-from torchvision.ops import generalized_box_iou_loss
 
 from robustdet.box_coder import BoxCoder
-from robustdet.config import Config, LossConfig
-from robustdet.losses import (
-    LogVariances,
-    bayesian_focal_loss,
-    bayesian_smooth_l1_loss,
-    sigmoid_focal_loss,
-    smooth_l1_loss,
-)
+from robustdet.losses import LogVariances, LossConfig
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import build_backbone, level_names
-from robustdet.models.base import DetectorLosses, build_log_variances, level_sums, normalise
+from robustdet.models.base import DetectorLosses, check_per_level, loss_dtype
+from robustdet.models.dense import DenseDetector, DenseSection, masked
 from robustdet.models.matching import BETWEEN_THRESHOLDS, batched_box_iou, match_anchors, pad_boxes
 
-# 2**16 float32 elements = 256 KiB: fits an L2 cache; 2**15-2**17 measured alike on a Xeon, 2**20 slower
-CPU_CHUNK_ELEMENTS = 1 << 16
-GIOU_EPS = 1e-7  # torchvision's _box_loss default, kept so that the GIoU loss matches it
+PYRAMID = "p3p7"
 
 
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    # bf16/fp16 outputs under autocast: losses and anchors in float32 (bf16 has 8 mantissa bits, an
-    # anchor at x = 1000 would be off by 4 px); float64 stays float64 for the equivalence tests
-    return torch.promote_types(dtype, torch.float32)
+class RetinaNetConfig(DenseSection):
+    """``model.name: retinanet``: anchors (one base size per level P3-P7, times scales and ratios) and the
+    IoU thresholds of the anchor matcher."""
+
+    name: Literal["retinanet"] = "retinanet"
+    anchor_sizes: list[float] = Field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])
+    anchor_scales: list[float] = Field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
+    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
+    fg_iou_thresh: float = Field(0.5, gt=0, le=1)
+    bg_iou_thresh: float = Field(0.4, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RetinaNetConfig:
+        if self.bg_iou_thresh > self.fg_iou_thresh:
+            raise ValueError("model.bg_iou_thresh must not exceed model.fg_iou_thresh")
+        check_per_level("anchor_sizes", self.anchor_sizes, len(level_names(PYRAMID)), "anchor size")
+        return self
 
 
-class PerLevelRetinaNet(RetinaNet):
+class PerLevelRetinaNet(DenseDetector, RetinaNet):
     """torchvision's RetinaNet with a batched, per-level training loss (``DetectorLosses``).
 
     Evaluation mode returns torchvision's detections (boxes in input-image pixels, labels 0..C-1).
     ``log_variances`` holds s_cls and s_reg when the loss is Bayesian, else None.
     """
+
+    section = RetinaNetConfig
+    loss_tasks: ClassVar[dict[str, float]] = {"cls": 0.0, "reg": 1.0}  # Khanzhina et al. section 4.2
 
     def __init__(
         self,
@@ -81,58 +87,48 @@ class PerLevelRetinaNet(RetinaNet):
         self.log_variances = log_variances if loss.bayesian else None
         self.delta_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
-    # --- forward -------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, section: RetinaNetConfig, loss: LossConfig, num_classes: int) -> PerLevelRetinaNet:
+        """RetinaNet: backbone P3-P7 (P6/P7 from C5), anchors, head with the configured prior."""
+        m = section
+        backbone = build_backbone(m, PYRAMID)
+        anchor_generator = build_anchor_generator(m.anchor_sizes, m.anchor_scales, m.aspect_ratios)
+        norm_layer = partial(nn.GroupNorm, m.group_norm_groups) if m.head_norm == "group_norm" else None
+        head = RetinaNetHead(
+            backbone.out_channels,
+            anchor_generator.num_anchors_per_location()[0],
+            num_classes,
+            norm_layer=norm_layer,
+        )
+        # RetinaNetHead always uses prior 0.01; the configured prior sets the initial foreground probability
+        nn.init.constant_(
+            head.classification_head.cls_logits.bias, -math.log((1 - m.prior_probability) / m.prior_probability)
+        )
+        return cls(
+            backbone,
+            num_classes,
+            loss=loss,
+            level_names=level_names(PYRAMID),
+            log_variances=cls.build_log_variances(loss),
+            min_size=m.min_size,
+            max_size=m.max_size,
+            image_mean=list(m.image_mean),
+            image_std=list(m.image_std),
+            anchor_generator=anchor_generator,
+            head=head,
+            score_thresh=m.score_thresh,
+            nms_thresh=m.nms_thresh,
+            detections_per_img=m.detections_per_img,
+            fg_iou_thresh=m.fg_iou_thresh,
+            bg_iou_thresh=m.bg_iou_thresh,
+            topk_candidates=m.topk_candidates,
+        )
 
-    def forward(  # type: ignore[override]
-        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-    ) -> DetectorLosses | list[dict[str, Tensor]]:
-        """Training (targets needed): ``DetectorLosses``. Eval: per image ``{boxes, scores, labels}``."""
-        if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
-            self._check_target_shapes(targets, len(images))
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        image_list, targets = self.transform(images, targets if self.training else None)
-        features = self.backbone(image_list.tensors)
-        if isinstance(features, Tensor):
-            features = OrderedDict([("0", features)])
-        feature_list = list(features.values())
-        head_outputs = self.head(feature_list)
-        anchors, counts = self.batch_anchors(image_list, feature_list)
-        if self.training:
-            assert targets is not None
-            self._check_boxes(targets)
-            return self.compute_level_losses(targets, head_outputs, anchors, counts)
-        return self._detect(head_outputs, anchors, counts, image_list.image_sizes, original_sizes)
+    def encode_boxes(self, boxes: Tensor, anchors: Tensor) -> Tensor:
+        return self.delta_coder.encode(boxes, anchors)
 
-    def batch_anchors(self, image_list: ImageList, features: list[Tensor]) -> tuple[Tensor, list[int]]:
-        """The anchors every image of the padded batch shares [A, 4], and the anchor count per level."""
-        dtype = _loss_dtype(features[0].dtype)
-        # The generator reads only the shapes, dtype and device of the feature maps and the padded batch
-        # size (not the per-image sizes), so empty stand-ins with one image give the same anchors once,
-        # in float32 even under autocast.
-        shapes = [f.new_empty((0, 0, *f.shape[-2:]), dtype=dtype) for f in features]
-        one = ImageList(image_list.tensors, image_list.image_sizes[:1])
-        anchors = self.anchor_generator(one, shapes)[0]
-        per_loc = self.anchor_generator.num_anchors_per_location()
-        counts = [int(f.shape[-2] * f.shape[-1]) * a for f, a in zip(features, per_loc, strict=True)]
-        return anchors, counts
-
-    def _detect(
-        self,
-        head_outputs: dict[str, Tensor],
-        anchors: Tensor,
-        counts: list[int],
-        image_sizes: list[tuple[int, int]],
-        original_sizes: list[tuple[int, int]],
-    ) -> list[dict[str, Tensor]]:
-        # decoding in bf16 would move boxes by pixels, so the head outputs go to the anchors' dtype
-        split = {k: list(v.to(anchors.dtype).split(counts, dim=1)) for k, v in head_outputs.items()}
-        per_level_anchors = list(anchors.split(counts))
-        detections = self.postprocess_detections(split, [per_level_anchors] * len(image_sizes), image_sizes)
-        return self.transform.postprocess(detections, image_sizes, original_sizes)
-
-    # --- loss ----------------------------------------------------------------------------------
+    def decode_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self.delta_coder.decode(regression, anchors)
 
     def compute_level_losses(
         self,
@@ -146,8 +142,7 @@ class PerLevelRetinaNet(RetinaNet):
         ``targets`` are in the transformed (resized) coordinates, ``anchors`` [A, 4] shared by the
         batch, ``counts`` the anchors of each level in head-output order.
         """
-        cfg = self.loss_cfg
-        dtype = _loss_dtype(head_outputs["cls_logits"].dtype)
+        dtype = loss_dtype(head_outputs["cls_logits"].dtype)
         logits = head_outputs["cls_logits"].to(dtype)
         deltas = head_outputs["bbox_regression"].to(dtype)
         anchors = anchors.to(dtype)
@@ -163,157 +158,14 @@ class PerLevelRetinaNet(RetinaNet):
             self.proposal_matcher.low_threshold,
         )
         foreground = matched >= 0
-        valid = matched != BETWEEN_THRESHOLDS
-        num_foreground = foreground.sum(dim=1)
+        valid = matched != BETWEEN_THRESHOLDS  # anchors with IoU in [low, high) are ignored
         gt_index = matched.clamp(min=0)
 
         labels = gt_labels.gather(1, gt_index)
-        cls_anchor = torch.where(valid, self._focal_per_anchor(logits, labels, foreground), 0.0)
-
+        cls = masked(self.classification_loss(logits, labels, foreground), valid)
         matched_boxes = gt_boxes.gather(1, gt_index[..., None].expand(batch, num_anchors, 4))
-        batch_anchors = anchors.expand(batch, num_anchors, 4)
-        if cfg.box_loss == "giou":
-            predicted = self.delta_coder.decode(deltas, batch_anchors)
-            reg_anchor = generalized_box_iou_loss(
-                predicted.reshape(-1, 4), matched_boxes.reshape(-1, 4), reduction="none", eps=GIOU_EPS
-            ).view(batch, num_anchors)
-        else:
-            target_deltas = self.delta_coder.encode(matched_boxes, batch_anchors)
-            beta = 0.0 if cfg.box_loss == "l1" else cfg.beta
-            lv = self.log_variances
-            if lv is not None:
-                reg_elem = bayesian_smooth_l1_loss(
-                    deltas, target_deltas, lv["reg"], beta=beta, reduction="none"
-                )
-            else:
-                reg_elem = smooth_l1_loss(deltas, target_deltas, beta=beta, reduction="none")
-            reg_anchor = reg_elem.sum(dim=2)
-        reg_anchor = torch.where(foreground, reg_anchor, 0.0)
-
-        cls_levels = cfg.cls_weight * normalise(
-            level_sums(cls_anchor, counts), num_foreground, cfg.normalization
-        )
-        reg_levels = normalise(level_sums(reg_anchor, counts), num_foreground, cfg.normalization)
-        return DetectorLosses(
-            level_names=list(self.level_names),
-            level_losses=cls_levels + reg_levels,
-            components={"cls": cls_levels.detach(), "reg": reg_levels.detach()},
-            extra_loss=logits.new_zeros(()),
-            extra_components={},
-        )
-
-    def _focal_per_anchor(self, logits: Tensor, labels: Tensor, foreground: Tensor) -> Tensor:
-        """Σ_c of the (Bayesian) focal loss per anchor [B, A], one-hot targets built on the fly.
-
-        On CPU the elements go through in chunks of ``CPU_CHUNK_ELEMENTS``: the focal loss is some 30
-        elementwise passes, and a chunk that stays in cache between them makes the batched loss faster
-        than torchvision's image-by-image one instead of slower. On GPUs one call covers the batch.
-        """
-        cfg = self.loss_cfg
-        batch, num_anchors, num_classes = logits.shape
-        flat = logits.reshape(-1, num_classes)
-        rows = flat.shape[0] if logits.device.type != "cpu" else max(1, CPU_CHUNK_ELEMENTS // num_classes)
-        lv = self.log_variances
-        sums = []
-        for x, lab, fg in zip(
-            flat.split(rows), labels.reshape(-1).split(rows), foreground.reshape(-1).split(rows), strict=True
-        ):
-            # background anchors stay all-zero, foreground ones get a 1 at their class
-            t = torch.zeros_like(x).scatter_(1, lab[:, None], fg[:, None].to(x.dtype))
-            if lv is not None:
-                elem = bayesian_focal_loss(
-                    x, t, lv["cls"], alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="none"
-                )
-            else:
-                elem = sigmoid_focal_loss(
-                    x, t, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="none"
-                )
-            sums.append(elem.sum(dim=1))
-        return torch.cat(sums).view(batch, num_anchors)
-
-    # --- checks --------------------------------------------------------------------------------
-
-    def _check_target_shapes(self, targets: list[dict[str, Tensor]], num_images: int) -> None:
-        if len(targets) != num_images:
-            raise ValueError(f"got {num_images} images but {len(targets)} targets")
-        for i, t in enumerate(targets):
-            boxes, labels = t.get("boxes"), t.get("labels")
-            if (
-                not isinstance(boxes, Tensor)
-                or not boxes.is_floating_point()
-                or boxes.dim() != 2
-                or boxes.shape[-1] != 4
-            ):
-                raise ValueError(f"target {i}: 'boxes' must be a float tensor [N, 4] (XYXY pixels)")
-            if (
-                not isinstance(labels, Tensor)
-                or labels.shape != boxes.shape[:1]
-                or labels.dtype != torch.int64
-            ):
-                raise ValueError(f"target {i}: 'labels' must be an int64 tensor [N] matching 'boxes'")
-
-    def _check_boxes(self, targets: list[dict[str, Tensor]]) -> None:
-        """Degenerate boxes and labels outside 0..C-1, with a single host sync for the whole batch."""
-        boxes = torch.cat([t["boxes"] for t in targets])
-        labels = torch.cat([t["labels"] for t in targets])
-        if boxes.numel() == 0:
-            return
-        bad_box = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-        bad_label = (labels < 0) | (labels >= self.num_classes)
-        if not bool((bad_box | bad_label).any()):
-            return
-        sizes = [t["boxes"].shape[0] for t in targets]
-        image = [i for i, n in enumerate(sizes) for _ in range(n)]
-        k = int(torch.nonzero(bad_box | bad_label)[0])
-        if bad_box[k]:
-            raise ValueError(
-                f"target {image[k]}: box {boxes[k].tolist()} has no positive width and height "
-                "(after resizing; boxes are XYXY pixels)"
-            )
-        raise ValueError(f"target {image[k]}: label {int(labels[k])} is outside 0..{self.num_classes - 1}")
+        reg = masked(self.box_loss(deltas, anchors.expand(batch, num_anchors, 4), matched_boxes), foreground)
+        return self.level_output({"cls": cls, "reg": reg}, counts, foreground.sum(dim=1))
 
 
-def build_retinanet(cfg: Config, num_classes: int) -> PerLevelRetinaNet:
-    """RetinaNet from ``cfg.model`` / ``cfg.loss``: backbone P3-P7 (P6/P7 from C5), anchors, head."""
-    m = cfg.model
-    names = level_names("p3p7")
-    if len(m.anchor_sizes) != len(names):
-        raise ValueError(
-            f"model.anchor_sizes needs one size per level {names}, got {len(m.anchor_sizes)}: "
-            f"{m.anchor_sizes}"
-        )
-    backbone = build_backbone(m, "p3p7")
-    anchor_generator = build_anchor_generator(m.anchor_sizes, m.anchor_scales, m.aspect_ratios)
-    norm_layer = partial(nn.GroupNorm, m.group_norm_groups) if m.head_norm == "group_norm" else None
-    head = RetinaNetHead(
-        backbone.out_channels,
-        anchor_generator.num_anchors_per_location()[0],
-        num_classes,
-        norm_layer=norm_layer,
-    )
-    # RetinaNetHead always uses prior 0.01; the configured prior sets the initial foreground probability
-    nn.init.constant_(
-        head.classification_head.cls_logits.bias, -math.log((1 - m.prior_probability) / m.prior_probability)
-    )
-    return PerLevelRetinaNet(
-        backbone,
-        num_classes,
-        loss=cfg.loss,
-        level_names=names,
-        log_variances=build_log_variances(cfg),
-        min_size=m.min_size,
-        max_size=m.max_size,
-        image_mean=list(m.image_mean),
-        image_std=list(m.image_std),
-        anchor_generator=anchor_generator,
-        head=head,
-        score_thresh=m.score_thresh,
-        nms_thresh=m.nms_thresh,
-        detections_per_img=m.detections_per_img,
-        fg_iou_thresh=m.fg_iou_thresh,
-        bg_iou_thresh=m.bg_iou_thresh,
-        topk_candidates=m.topk_candidates,
-    )
-
-
-__all__ = ["PerLevelRetinaNet", "build_retinanet"]
+__all__ = ["PerLevelRetinaNet", "RetinaNetConfig"]

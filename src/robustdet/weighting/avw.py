@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from robustdet.weighting.window import WindowedWeighting, WindowStats
+from typing import Literal
+
+from robustdet.weighting.window import ActionSection, ActionWeighting, WindowStats
 
 
-class AdaptiveVarianceWeighting(WindowedWeighting):
+class AVWConfig(ActionSection):
+    """``weighting.name: avw``: window length ``interval`` (α, Eq. 2), ``lambdas`` (λ, Eq. 5), ``eps`` (Eq. 4)."""
+
+    name: Literal["avw"] = "avw"
+
+
+class AdaptiveVarianceWeighting(ActionWeighting):
     """AVW: every ``interval`` iterations, amplify the two levels whose loss variance fell fastest.
 
     At the end of each window of ``interval`` (α, Eq. 2) iterations, in float64:
@@ -18,6 +26,14 @@ class AdaptiveVarianceWeighting(WindowedWeighting):
     The new weights hold for the whole next window; before the first window closes all weights are 1.
     This is RLO's action a0 taken with probability 1 (Sec. 3.3), and shares its code.
     """
+
+    section = AVWConfig
+
+    @classmethod
+    def from_config(cls, section: AVWConfig, num_levels: int, seed: int) -> AdaptiveVarianceWeighting:
+        weighting = cls(num_levels, section.interval, section.lambdas, section.eps)
+        weighting.measure = section.measure
+        return weighting
 
     def _choose_action(self, stats: WindowStats) -> int:
         return 0

@@ -12,10 +12,33 @@ The engine calls, once per training iteration and on every rank::
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar, Literal
 
 import torch
-import torch.distributed as dist
+from pydantic import Field
 from torch import Tensor, nn
+
+from robustdet.section import Section
+
+LogFields = dict[str, float | int | list[float]]
+
+
+class WeightingSection(Section):
+    """What every ``weighting`` section has: its ``name`` (the discriminator of the union in config.py)."""
+
+    name: str
+
+
+class MeasuredSection(WeightingSection):
+    """Sections of weightings that measure the levels over windows of ``interval`` iterations.
+
+    ``measure`` (equations.md, "Bayesian losses with AVW / RLO"): ``plain`` takes each level's statistics
+    on its plain loss (focal + smooth L1 at σ = 1, detached) and applies the weights to the trained one;
+    ``trained`` measures the trained (Bayesian) loss itself. Without Bayesian losses the two are the same.
+    """
+
+    interval: int = Field(100, ge=2)
+    measure: Literal["plain", "trained"] = "plain"
 
 
 def require_int(name: str, value: object, minimum: int, why: str) -> int:
@@ -32,25 +55,6 @@ def require_float(name: str, value: object, low: float, high: float, why: str) -
     return float(value)
 
 
-def distributed_world_size() -> int:
-    """World size of the default process group, or 1 when ``torch.distributed`` is not in use."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def mean_over_ranks(values: Tensor, world_size: int) -> Tensor:
-    """All-reduce (mean) a small tensor over the default process group, in float64.
-
-    Float64 so that the mean every rank receives is the one a single process fed the mean would
-    compute; ``ReduceOp.AVG`` is NCCL-only, hence SUM and a division.
-    """
-    reduced = values.to(torch.float64, copy=True)
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    reduced /= world_size
-    return reduced
-
-
 class LevelWeighting(nn.Module):
     """Weights w_i of the per-level losses L_i in L_total = Σ_i w_i · L_i (Eq. 1, Luo et al.).
 
@@ -60,12 +64,21 @@ class LevelWeighting(nn.Module):
     """
 
     weights: Tensor
+    # the config section this weighting reads (a pydantic model keyed on ``name``); see ``from_config``
+    section: ClassVar[type[WeightingSection]]
+    # what ``step`` is fed: the detector's plain per-level losses ("plain") or the trained ones ("trained")
+    measure: str = "trained"
 
     def __init__(self, num_levels: int, *, min_levels: int = 1) -> None:
         super().__init__()
         self.num_levels = require_int("num_levels", num_levels, min_levels, "pyramid levels to weight")
         # float64 so the weights logged and checkpointed are the ones Eq. 5 gives, not float32 roundings
         self.register_buffer("weights", torch.ones(num_levels, dtype=torch.float64))
+
+    @classmethod
+    def from_config(cls, section: Any, num_levels: int, seed: int) -> LevelWeighting:
+        """Build from this weighting's own config ``section`` for ``num_levels`` levels and the run ``seed``."""
+        raise NotImplementedError
 
     def step(self, level_losses: Tensor) -> Tensor:
         """Record one iteration's unweighted per-level losses; return the weights for the next one."""
@@ -84,9 +97,14 @@ class LevelWeighting(nn.Module):
     def forward(self, level_losses: Tensor) -> Tensor:
         return self.combine(level_losses)
 
-    def log_fields(self) -> dict[str, object]:
-        """What the engine writes to ``log.jsonl`` each time it logs (JSON-serialisable)."""
-        return {"level_weights": self.weights.tolist()}
+    def log_fields(self) -> LogFields:
+        """This weighting's state as named scalars or short vectors, beyond the weights themselves.
+
+        The engine logs them as ``weighting/<name>`` (``log.jsonl``, TensorBoard) and ``report`` draws one
+        plot per family: names ``family/member`` share a plot, a vector of one value per level is drawn per
+        level. The weights in force are logged by the engine for every weighting (``level_weights``).
+        """
+        return {}
 
     def _check_shape(self, level_losses: Tensor) -> None:
         if level_losses.dim() != 1 or level_losses.shape[0] != self.num_levels:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor
 
-from robustdet.weighting.base import LevelWeighting
+from robustdet.weighting.base import LevelWeighting, WeightingSection
+
+
+class EqualConfig(WeightingSection):
+    """``weighting.name: equal`` (the default): no settings."""
+
+    name: Literal["equal"] = "equal"
 
 
 class EqualWeighting(LevelWeighting):
@@ -13,6 +21,12 @@ class EqualWeighting(LevelWeighting):
     Keeps no statistics and does not all-reduce under ``torch.distributed``: its weights never depend
     on the losses, so the ranks cannot disagree.
     """
+
+    section = EqualConfig
+
+    @classmethod
+    def from_config(cls, section: EqualConfig, num_levels: int, seed: int) -> EqualWeighting:
+        return cls(num_levels)
 
     def step(self, level_losses: Tensor) -> Tensor:
         """Validate the losses (length, finiteness) and return the unchanged weights (all 1)."""

@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from robustdet.weighting.actions import ACTIONS
-from robustdet.weighting.base import require_float, require_int
-from robustdet.weighting.window import WindowedWeighting, WindowStats
+from robustdet.weighting.base import LogFields, require_float, require_int
+from robustdet.weighting.window import ActionSection, ActionWeighting, WindowStats
+
+# how the log and the report name the actions (Sec. 3.3): weighting/action_probability/<name>
+ACTION_NAMES = ("a0_avw", "a1_smallest_loss", "a2_largest_loss", "a3_equal")
+
+
+class RLOConfig(ActionSection):
+    """``weighting.name: rlo``: AVW's settings plus the policy's step γ (Eq. 9) and bounds β_min, β_max."""
+
+    name: Literal["rlo"] = "rlo"
+    rl_step: float = Field(0.01, ge=0, le=1)
+    p_min: float = Field(0.1, ge=0, le=1)
+    p_max: float = Field(0.9, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RLOConfig:
+        if self.p_min > self.p_max:
+            raise ValueError("weighting.p_min must not exceed weighting.p_max")
+        return self
 
 
 def window_reward(previous_total: float, total: float) -> int:
@@ -62,7 +81,7 @@ def sample_action(probabilities: Sequence[float], u: float) -> int:
     return max(k for k, p in enumerate(probabilities) if p > 0.0)
 
 
-class ReinforcementLearningOptimization(WindowedWeighting):
+class ReinforcementLearningOptimization(ActionWeighting):
     """RLO: every ``interval`` iterations, draw one of four weight-update actions and learn from the loss.
 
     Actions (Sec. 3.3): a0 = AVW's choice (two largest r, Eq. 4-5); a1 = the two smallest 𝓛 (λ_1 to the
@@ -107,6 +126,24 @@ class ReinforcementLearningOptimization(WindowedWeighting):
         self._probabilities = [1.0 / len(ACTIONS)] * len(ACTIONS)
         self._generator = torch.Generator().manual_seed(self.seed)
 
+    section = RLOConfig
+
+    @classmethod
+    def from_config(cls, section: RLOConfig, num_levels: int, seed: int) -> ReinforcementLearningOptimization:
+        """Every rank passes the run seed, so every rank draws the same actions."""
+        weighting = cls(
+            num_levels,
+            section.interval,
+            section.lambdas,
+            section.eps,
+            rl_step=section.rl_step,
+            p_min=section.p_min,
+            p_max=section.p_max,
+            seed=seed,
+        )
+        weighting.measure = section.measure
+        return weighting
+
     @property
     def probabilities(self) -> Tensor:
         """P = (p_0, p_1, p_2, p_3) (Eq. 8), float64."""
@@ -129,12 +166,13 @@ class ReinforcementLearningOptimization(WindowedWeighting):
         u = float(torch.rand((), generator=self._generator, dtype=torch.float64))
         return sample_action(self._probabilities, u)
 
-    def log_fields(self) -> dict[str, object]:
-        return {
-            "level_weights": self.weights.tolist(),
-            "rlo_probabilities": list(self._probabilities),
-            "rlo_action": self._action,
-        }
+    def log_fields(self) -> LogFields:
+        """The action probabilities P (one family), the action in force (−1 before the first) and r_i."""
+        probabilities = zip(ACTION_NAMES, self._probabilities, strict=True)
+        fields: LogFields = {f"action_probability/{n}": p for n, p in probabilities}
+        fields["action"] = -1 if self._action is None else self._action
+        fields.update(super().log_fields())
+        return fields
 
     def get_extra_state(self) -> dict[str, Any]:
         """The window state plus P and the generator state (a uint8 tensor)."""

@@ -1,4 +1,6 @@
-"""Process-group setup for ``torchrun`` (NCCL on GPU, gloo on CPU); a plain run is world size 1."""
+"""The one set of distributed helpers: process-group setup for ``torchrun`` (NCCL on GPU, gloo on CPU) and
+the few collectives the engine, the weightings and the detectors use. A plain run is world size 1 and every
+helper is then a no-op (no process group is needed)."""
 
 from __future__ import annotations
 
@@ -45,20 +47,44 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if not is_distributed():
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / dist.get_world_size()
-
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over the ranks (a copy); ``t`` itself without a process group."""
     if not is_distributed():
         return t
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean over the ranks in float64 (a copy); ``values`` in float64 without a process group.
+
+    Float64 so that the mean every rank receives is the one a single process fed the mean would compute;
+    ``ReduceOp.AVG`` is NCCL-only, hence SUM and a division.
+    """
+    reduced = values.to(torch.float64, copy=True)
+    if not is_distributed():
+        return reduced
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    reduced /= dist.get_world_size()
+    return reduced
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of parameters that DDP does not own (a weighting's) over the ranks, in place."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -71,13 +97,6 @@ def is_peer_failure(exc: BaseException) -> bool:
         )
     )
 
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if not is_distributed():
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
 
 
 def gather_objects(obj: Any) -> list[Any]:

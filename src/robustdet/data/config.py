@@ -1,0 +1,63 @@
+"""The ``data`` section: the train and val sources (one section per format), augmentation, input policies.
+
+``FORMATS`` is the one table of dataset formats: ``format`` → section class. A section reads its own
+keys and loads its split (``SourceSection.load``), so a new format is one new file plus one row here
+(docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from robustdet.data.coco import CocoSource
+from robustdet.data.source import SourceSection
+from robustdet.data.synthetic import SyntheticConfig, SyntheticSource
+from robustdet.data.voc import VocSource
+from robustdet.data.yolo import YoloSource
+from robustdet.section import Section, tagged_union
+
+FORMATS: dict[str, type[SourceSection]] = {
+    "synthetic": SyntheticSource,
+    "coco": CocoSource,
+    "yolo": YoloSource,
+    "voc": VocSource,
+}
+
+# pydantic picks the section by ``format`` and reports a wrong key against that format's section
+DatasetSource = tagged_union(FORMATS.values(), "format")
+_SOURCE = TypeAdapter(DatasetSource)
+
+
+def parse_source(data: dict[str, Any]) -> SourceSection:
+    """A source section from a mapping such as ``{"format": "yolo", "path": "data.yaml", "split": "val"}``."""
+    return _SOURCE.validate_python({"format": "synthetic", **data})
+
+
+class AugmentConfig(Section):
+    hflip: bool = True
+    photometric: bool = False
+    # random zoom-out / crop (scale jitter) as a fraction range; None disables it
+    scale_range: tuple[float, float] | None = None
+
+
+class DataConfig(Section):
+    train: DatasetSource = Field(default_factory=lambda: SyntheticSource(split="train"))
+    val: DatasetSource = Field(default_factory=lambda: SyntheticSource(split="val"))
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    # Images without boxes: keep them (they teach background) or leave them out of training.
+    empty_images: Literal["keep", "skip"] = "keep"
+    # Boxes that stick out of the image: clip them to it, or stop with an error naming the box.
+    out_of_image: Literal["clip", "error"] = "clip"
+    # Read every image's header before training (coco and voc; yolo always does): non-image files,
+    # animated images and sizes that differ from the annotation stop the run before it starts.
+    verify_images: bool = True
+    # Training images that fail to decode mid-run (e.g. truncated files) are skipped, replaced by the
+    # next readable image, and reported; the run stops once more distinct images than this failed.
+    max_corrupt_images: int = Field(10, ge=0)
+    num_workers: int = Field(2, ge=0)
+
+
+__all__ = ["FORMATS", "AugmentConfig", "DataConfig", "DatasetSource", "SyntheticConfig", "parse_source"]

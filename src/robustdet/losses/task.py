@@ -1,0 +1,94 @@
+"""One entry point for a detector's task losses, plain or Bayesian: :func:`task_loss`.
+
+Detectors call ``task_loss(kind, pred, target, log_var, loss_cfg)`` and never choose between the plain and
+the Bayesian form, or between the box losses, themselves:
+
+| kind    | plain (``log_var`` None)                     | Bayesian (``log_var`` = s)                         |
+|---------|----------------------------------------------|----------------------------------------------------|
+| "focal" | sigmoid focal loss (Eq. 7), elementwise      | Bayesian focal loss (Eq. 16), elementwise           |
+| "bce"   | BCE with logits, elementwise                 | e^(−s)·BCE + s/2 (Eq. 16, γ = 0, no α)              |
+| "ce"    | softmax CE per row                           | e^(−s)·CE + s/2 (Kendall; Eq. 5, section 2.1)       |
+| "box"   | ``loss.box_loss``: L1, smooth L1 (Eq. 6) on  | Bayesian smooth L1 (Eq. 14) on deltas, summed over  |
+|         | deltas, or GIoU on boxes; summed per row     | the last dimension                                 |
+
+(Khanzhina et al.'s equation numbers.) Every call also returns the *plain* loss at σ = 1, detached: the
+measure that the multi-scale weightings take of each level when the loss is Bayesian (equations.md,
+"Bayesian losses with AVW / RLO"). For the focal loss it comes out of the same pass.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss
+
+from robustdet.losses.config import LossConfig
+from robustdet.losses.focal import (
+    bayesian_cross_entropy,
+    bayesian_focal_loss_and_plain,
+    sigmoid_focal_loss,
+)
+from robustdet.losses.smooth_l1 import bayesian_smooth_l1_loss, smooth_l1_loss
+
+TaskKind = Literal["focal", "bce", "ce", "box"]
+GIOU_EPS = 1e-7  # torchvision's _box_loss default, kept so that the GIoU loss matches it
+
+
+class TaskLoss(NamedTuple):
+    """``value``: the loss to train on (with gradient); ``plain``: the same at σ = 1, detached."""
+
+    value: Tensor
+    plain: Tensor
+
+
+def box_beta(loss: LossConfig) -> float:
+    """The smooth-L1 threshold c of ``loss.box_loss``: 0 for L1 (Eq. 6 with c = 0), ``loss.beta`` otherwise."""
+    return 0.0 if loss.box_loss == "l1" else loss.beta
+
+
+def task_loss(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor | None, loss: LossConfig) -> TaskLoss:
+    """The ``kind`` loss of ``pred`` against ``target``: Bayesian with s = ``log_var``, plain when None.
+
+    Shapes: "focal" and "bce" elementwise (``pred`` and float ``target`` alike); "ce" ``pred`` [N, C],
+    ``target`` [N] class indices, result [N]; "box" ``pred``/``target`` [..., 4] (deltas, or XYXY boxes
+    when ``loss.box_loss`` is giou), result [...].
+    """
+    if kind == "focal":
+        if log_var is None:
+            value = sigmoid_focal_loss(pred, target, alpha=loss.focal_alpha, gamma=loss.focal_gamma)
+            return TaskLoss(value, value.detach())
+        return TaskLoss(*bayesian_focal_loss_and_plain(pred, target, log_var, loss.focal_alpha, loss.focal_gamma))
+    if kind == "bce":
+        if log_var is None:
+            value = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+            return TaskLoss(value, value.detach())
+        return TaskLoss(*bayesian_focal_loss_and_plain(pred, target, log_var, alpha=-1.0, gamma=0.0))
+    if kind == "ce":
+        if log_var is None:
+            value = F.cross_entropy(pred, target, reduction="none")
+            return TaskLoss(value, value.detach())
+        value = bayesian_cross_entropy(pred, target, log_var)
+        with torch.no_grad():
+            plain = F.cross_entropy(pred, target, reduction="none")
+        return TaskLoss(value, plain)
+    if kind == "box":
+        if loss.box_loss == "giou":
+            value = generalized_box_iou_loss(
+                pred.reshape(-1, 4), target.reshape(-1, 4), reduction="none", eps=GIOU_EPS
+            ).view(pred.shape[:-1])
+            return TaskLoss(value, value.detach())
+        beta = box_beta(loss)
+        if log_var is None:
+            value = smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=-1)
+            return TaskLoss(value, value.detach())
+        value = bayesian_smooth_l1_loss(pred, target, log_var, beta=beta, reduction="none").sum(dim=-1)
+        with torch.no_grad():
+            plain = smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=-1)
+        return TaskLoss(value, plain)
+    raise ValueError(f"unknown task loss kind {kind!r}; one of focal, bce, ce, box")
+
+
+__all__ = ["GIOU_EPS", "TaskKind", "TaskLoss", "box_beta", "task_loss"]
