@@ -23,6 +23,7 @@ from robustdet.models import DETECTORS, DetectorLosses, PerLevelFasterRCNN, buil
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import build_backbone
 from robustdet.models.faster_rcnn import canonical_scale, sum_by_level
+from tests.bayesian_reference import eq14_ds
 from tests.conftest import REPO, tiny_overrides
 
 NUM_CLASSES = 3
@@ -344,7 +345,8 @@ def _eq14(err: np.ndarray, s: float, c: float) -> np.ndarray:
     return np.where(err < c, gauss, laplace)
 
 
-def test_bayesian_regression_is_eq14_over_torchvisions_normaliser(monkeypatch: pytest.MonkeyPatch) -> None:
+def record_bayesian_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tuple[Tensor, ...]]]:
+    """The (input, target, log_var) each Bayesian loss of the model is called with, detached."""
     calls: dict[str, list[tuple[Tensor, ...]]] = {"bce": [], "ce": [], "sl1": []}
 
     def recorder(name: str, fn):  # type: ignore[no-untyped-def]
@@ -357,6 +359,11 @@ def test_bayesian_regression_is_eq14_over_torchvisions_normaliser(monkeypatch: p
     for name, attr in [("bce", "bayesian_binary_cross_entropy"), ("ce", "bayesian_cross_entropy"),
                        ("sl1", "bayesian_smooth_l1_loss")]:
         monkeypatch.setattr(frcnn_module, attr, recorder(name, getattr(frcnn_module, attr)))
+    return calls
+
+
+def test_bayesian_regression_is_eq14_over_torchvisions_normaliser(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = record_bayesian_calls(monkeypatch)
     model = build(bayes_cfg(0.2, 0.1))
     images, targets = batch()
     out = model(images, targets)
@@ -373,7 +380,11 @@ def test_bayesian_regression_is_eq14_over_torchvisions_normaliser(monkeypatch: p
     assert [float(c[2]) for c in calls["sl1"]] == [1.0, -0.5]  # s_rpn_reg, s_roi_reg
 
 
-def test_bayesian_gradients_reach_all_four_log_variances() -> None:
+def test_bayesian_gradients_reach_all_four_log_variances(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each s's gradient against the formula on the sampled anchors / RoIs the losses saw: d/ds of
+    e^(−s)·CE + s/2 is −e^(−s)·CE + 1/2 (plain BCE / CE from torch), of Eq. 14 the hand derivative
+    (``bayesian_reference.eq14_ds``), each over torchvision's normaliser (the sampled count)."""
+    calls = record_bayesian_calls(monkeypatch)
     model = build(bayes_cfg(0.2, -0.1, log_var_range=[-5.0, 5.0]))
     images, targets = batch()
     out = model(images, targets)
@@ -381,8 +392,23 @@ def test_bayesian_gradients_reach_all_four_log_variances() -> None:
     out.total.backward()
     assert model.log_variances is not None
     assert set(model.log_variances.names) == {"rpn_cls", "rpn_reg", "roi_cls", "roi_reg"}
+    (x_rpn, t_rpn, s_rpn), (z_roi, c_roi, s_roi) = calls["bce"][0], calls["ce"][0]
+    num_anchors, num_rois = x_rpn.numel(), z_roi.shape[0]
+    bce = F.binary_cross_entropy_with_logits(x_rpn, t_rpn.to(x_rpn.dtype), reduction="sum")
+    ce = F.cross_entropy(z_roi, c_roi, reduction="sum")
+    expected = {
+        "rpn_cls": (-math.exp(-float(s_rpn)) * bce + 0.5 * num_anchors) / num_anchors,
+        "roi_cls": (-math.exp(-float(s_roi)) * ce + 0.5 * num_rois) / num_rois,
+    }
+    for key, (pred, target, s), n in [
+        ("rpn_reg", calls["sl1"][0], num_anchors),
+        ("roi_reg", calls["sl1"][1], num_rois),
+    ]:
+        assert pred.shape[0] > 0
+        expected[key] = eq14_ds(pred - target, float(s), BETA).sum() / n
     for name, p in model.log_variances.log_vars.items():
-        assert p.grad is not None and torch.isfinite(p.grad) and p.grad != 0, name
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, expected[name].to(p.grad.dtype), rtol=1e-8, atol=1e-12, msg=name)
 
 
 def test_log_variances_only_when_bayesian() -> None:

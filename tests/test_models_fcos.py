@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import generalized_box_iou_loss
@@ -22,11 +23,13 @@ from robustdet.models import DETECTORS, DetectorLosses, PerLevelFCOS, build_mode
 from robustdet.models.backbones import build_backbone
 from robustdet.models.fcos import assign_points, fcos_range_bounds
 from robustdet.models.matching import pad_boxes
+from tests.bayesian_reference import check_derivatives, eq14, eq14_ds, eq16, eq16_ds
 from tests.conftest import REPO, tiny_overrides
 
 NUM_CLASSES = 3
 # the regression ranges of the small-image tests: (0, 16), (16, 24), (24, 40), (40, 56), (56, ∞)
 SMALL_SIZES = [8, 16, 24, 40, 56]
+SMALL_BOUNDS = [0.0, 16.0, 24.0, 40.0, 56.0, math.inf]  # written out, not the model's range_bounds
 
 
 def tiny_cfg(anchor_sizes: list[float] | None = None, **loss: object) -> Config:
@@ -108,23 +111,45 @@ def torchvision_twin(model: PerLevelFCOS, cfg: Config) -> FCOS:
     return tv.double().train(model.training)
 
 
+STRIDES = (8, 16, 32, 64, 128)  # P3-P7
+
+
+def independent_points(padded: tuple[int, int], dtype: torch.dtype) -> tuple[Tensor, list[int], list[tuple[int, int]]]:
+    """torchvision's FCOS "anchors" (one square of the level's stride per location) [A, 4], locations per
+    level and feature-map sizes of a padded batch, without the model: ceil(H/s) x ceil(W/s) per level."""
+    h, w = padded
+    grid = [(math.ceil(h / s), math.ceil(w / s)) for s in STRIDES]
+    generator = AnchorGenerator(tuple((float(s),) for s in STRIDES), ((1.0,),) * len(STRIDES))
+    maps = [torch.zeros(1, 1, gh, gw, dtype=dtype) for gh, gw in grid]
+    points = generator(ImageList(torch.zeros(1, 3, h, w, dtype=dtype), [(h, w)]), maps)[0]
+    return points, [gh * gw for gh, gw in grid], grid
+
+
 def head_pass(model: PerLevelFCOS, images: list[Tensor], targets: list[dict[str, Tensor]]):
-    image_list, t = model.transform(images, targets)
-    features = list(model.backbone(image_list.tensors).values())
-    outputs = model.head(features)
-    points, counts = model.batch_anchors(image_list, features)
-    return t, outputs, points, counts
+    """The training forward, with what went into the loss captured through hooks on the public
+    ``transform`` and ``head``, and points / level counts derived independently of the model."""
+    seen: dict[str, object] = {}
+    hooks = [
+        model.transform.register_forward_hook(lambda _m, _i, out: seen.update(image_list=out[0], targets=out[1])),
+        model.head.register_forward_hook(lambda _m, inp, out: seen.update(features=inp[0], outputs=out)),
+    ]
+    try:
+        losses = model(images, targets)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert isinstance(losses, DetectorLosses)
+    outputs = seen["outputs"]
+    points, counts, grid = independent_points(tuple(seen["image_list"].tensors.shape[-2:]), outputs["cls_logits"].dtype)
+    assert [tuple(f.shape[-2:]) for f in seen["features"]] == grid, "feature maps are not P3-P7 in order"
+    return losses, seen["targets"], outputs, points, counts
 
 
 def synthetic_head(size: int, seed: int = 0) -> tuple[dict[str, Tensor], Tensor, list[int], list[dict[str, Tensor]]]:
     """Random head outputs, points and boxes of every scale on a padded [size, size] batch of two images,
     without a backbone: enough locations for every level to get foreground, in float64."""
     g = torch.Generator().manual_seed(seed)
-    model = build(tiny_cfg())
-    shapes = [math.ceil(size / s) for s in (8, 16, 32, 64, 128)]
-    feats = [torch.zeros(2, 1, n, n, dtype=torch.float64) for n in shapes]
-    image_list = ImageList(torch.zeros(2, 3, size, size, dtype=torch.float64), [(size, size)] * 2)
-    points, counts = model.batch_anchors(image_list, feats)
+    points, counts, _ = independent_points((size, size), torch.float64)
     a = points.shape[0]
     outputs = {
         "cls_logits": torch.randn(2, a, NUM_CLASSES, generator=g, dtype=torch.float64) - 2,
@@ -162,9 +187,18 @@ def tv_matched_idxs(tv: FCOS, targets, outputs, points: Tensor, counts: list[int
 def reference_levels(
     targets, outputs, points: Tensor, counts: list[int], bounds: list[float], box_loss: str, beta: float,
     normalization: str,
+    s_cls: float | None = None,
+    s_reg: float | None = None,
+    d_ds: bool = False,
 ) -> dict[str, Tensor]:
     """Per-level cls, reg and ctr image by image: torchvision's assignment code with the levels' ranges
-    taken from ``bounds``, torchvision.ops / torch.nn.functional losses on the foreground only."""
+    taken from ``bounds``, torchvision.ops / torch.nn.functional losses on the foreground only.
+
+    With ``s_cls`` / ``s_reg`` the focal and smooth L1 terms are Eq. 16 / Eq. 14 (``bayesian_reference``;
+    centerness stays the plain BCE); with ``d_ds`` too, cls and reg are their derivatives in s instead.
+    """
+    bayesian = s_cls is not None and s_reg is not None
+    assert bayesian or not d_ds
     coder = det_utils.BoxLinearCoder(normalize_by_size=True)
     level = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     lower = torch.tensor(bounds[:-1], dtype=points.dtype)[level]
@@ -194,11 +228,17 @@ def reference_levels(
         fg = matched >= 0
         onehot = torch.zeros_like(logits)
         onehot[fg, t["labels"][matched[fg]]] = 1.0
-        per = {"cls": tv_focal(logits, onehot, reduction="none").sum(1)}
+        if bayesian:
+            per = {"cls": (eq16_ds if d_ds else eq16)(logits, onehot, s_cls).sum(1)}
+        else:
+            per = {"cls": tv_focal(logits, onehot, reduction="none").sum(1)}
         gt, p = boxes[matched[fg]], points[fg]
         reg = torch.zeros(points.shape[0], dtype=logits.dtype)
         if box_loss == "giou":
             reg[fg] = generalized_box_iou_loss(coder.decode(dist[fg], p), gt, eps=1e-7)
+        elif bayesian:
+            assert box_loss == "smooth_l1"
+            reg[fg] = (eq14_ds if d_ds else eq14)(dist[fg] - coder.encode(p, gt), s_reg, beta).sum(1)
         else:
             reg[fg] = F.smooth_l1_loss(dist[fg], coder.encode(p, gt), beta=beta, reduction="none").sum(1)
         enc = coder.encode(p, gt)
@@ -310,39 +350,87 @@ def test_each_level_against_a_per_image_reference(normalization: str, box_loss: 
     cfg = tiny_cfg(SMALL_SIZES, normalization=normalization, box_loss=box_loss, beta=max(beta, 0.1), cls_weight=0.7)
     model = build(cfg)
     images, targets = batch()
-    t, outputs, points, counts = head_pass(model, images, targets)
-    ours = model.compute_level_losses(t, outputs, points, counts)
-    ref = reference_levels(t, outputs, points, counts, model.range_bounds, box_loss, beta, normalization)
-    torch.testing.assert_close(ours.components["cls"], 0.7 * ref["cls"], **TIGHT)
-    torch.testing.assert_close(ours.components["reg"], ref["reg"], **TIGHT)
-    torch.testing.assert_close(ours.components["ctr"], ref["ctr"], **TIGHT)
-    assert (ours.components["reg"] > 0).all(), "every level should have foreground"
+    forward, t, outputs, points, counts = head_pass(model, images, targets)
+    ref = reference_levels(t, outputs, points, counts, SMALL_BOUNDS, box_loss, beta, normalization)
+    assert (ref["reg"] > 0).all(), "every level should have foreground"
+    for ours in (forward, model.compute_level_losses(t, outputs, points, counts)):
+        torch.testing.assert_close(ours.components["cls"], 0.7 * ref["cls"], **TIGHT)
+        torch.testing.assert_close(ours.components["reg"], ref["reg"], **TIGHT)
+        torch.testing.assert_close(ours.components["ctr"], ref["ctr"], **TIGHT)
 
 
 # --- Bayesian ------------------------------------------------------------------------------------------
 
 
+S_CLS, S_REG = 0.7, -0.4  # away from s = 0, where Eq. 16 is the plain focal loss
+
+
+def bayes_cfg(s_cls: float, s_reg: float, **loss: object) -> Config:
+    init = {"cls": s_cls, "reg": s_reg}
+    return tiny_cfg(SMALL_SIZES, bayesian=True, box_loss="smooth_l1", beta=0.1, log_var_init=init, **loss)
+
+
+def log_vars(model: PerLevelFCOS) -> tuple[float, float]:
+    """s_cls, s_reg as the model holds them (0.7 is not a float32: the reference takes the stored value)."""
+    assert model.log_variances is not None
+    return float(model.log_variances["cls"].detach()), float(model.log_variances["reg"].detach())
+
+
 def test_bayesian_cls_with_s_zero_is_the_focal_baseline() -> None:
-    bayes_cfg = tiny_cfg(bayesian=True, box_loss="smooth_l1", log_var_init={"cls": 0.0, "reg": 1.0})
-    model = build(bayes_cfg)
+    model = build(bayes_cfg(0.0, 1.0))
     assert model.log_variances is not None and model.log_variances.as_dict() == {"cls": 0.0, "reg": 1.0}
-    baseline = build(tiny_cfg(box_loss="smooth_l1"), seed=1)
+    baseline = build(tiny_cfg(SMALL_SIZES, box_loss="smooth_l1", beta=0.1), seed=1)
     missing, unexpected = baseline.load_state_dict(model.state_dict(), strict=False)
     assert missing == [] and all(k.startswith("log_variances.") for k in unexpected)
     images, targets = batch()
-    b, f = model(images, targets), baseline(images, targets)
+    b, t, outputs, points, counts = head_pass(model, images, targets)
+    f = baseline(images, targets)
     torch.testing.assert_close(b.components["cls"], f.components["cls"], **TIGHT)
     torch.testing.assert_close(b.components["ctr"], f.components["ctr"], **TIGHT)  # centerness is never Bayesian
-    assert not torch.allclose(b.components["reg"], f.components["reg"])  # s_reg = 1 changes the reg term
+    # s_reg = 1: the regression term is Eq. 14, level by level
+    ref = reference_levels(t, outputs, points, counts, SMALL_BOUNDS, "smooth_l1", 0.1, "per_batch", 0.0, 1.0)
+    torch.testing.assert_close(b.components["reg"], ref["reg"], **TIGHT)
+
+
+@pytest.mark.parametrize(("normalization", "cls_weight"), [("per_batch", 0.7), ("per_image", 1.0)])
+def test_bayesian_levels_are_eq16_and_eq14(normalization: str, cls_weight: float) -> None:
+    """At s_cls = 0.7, s_reg = −0.4 each level's cls and reg term against Eq. 16 and Eq. 14 written out
+    in float64 (``bayesian_reference``), centerness the plain BCE, points and level counts derived
+    independently; SMALL_SIZES put foreground on every level."""
+    model = build(bayes_cfg(S_CLS, S_REG, normalization=normalization, cls_weight=cls_weight))
+    s_cls, s_reg = log_vars(model)
+    assert (s_cls, s_reg) == (pytest.approx(S_CLS), pytest.approx(S_REG))
+    images, targets = batch()
+    ours, t, outputs, points, counts = head_pass(model, images, targets)
+    with torch.no_grad():
+        ref = reference_levels(t, outputs, points, counts, SMALL_BOUNDS, "smooth_l1", 0.1, normalization, s_cls, s_reg)
+        plain = reference_levels(t, outputs, points, counts, SMALL_BOUNDS, "smooth_l1", 0.1, normalization)
+    assert (ref["reg"] != 0).all(), "every level should have foreground"
+    assert not torch.allclose(ref["cls"], plain["cls"], rtol=1e-3), "s_cls = 0.7 must move the focal term"
+    torch.testing.assert_close(ours.components["cls"], cls_weight * ref["cls"], **TIGHT)
+    torch.testing.assert_close(ours.components["reg"], ref["reg"], **TIGHT)
+    torch.testing.assert_close(ours.components["ctr"], ref["ctr"], **TIGHT)
+    torch.testing.assert_close(ours.level_losses.detach(), cls_weight * ref["cls"] + ref["reg"] + ref["ctr"], **TIGHT)
 
 
 def test_bayesian_gradients_reach_log_variances() -> None:
-    model = build(tiny_cfg(bayesian=True, box_loss="smooth_l1", log_var_range=[-5.0, 5.0]))
+    """d(Σ_i L_i)/ds_cls and d/ds_reg equal Σ over locations of the hand-derived d Eq. 16/ds and d Eq. 14/ds."""
+    model = build(bayes_cfg(S_CLS, S_REG, log_var_range=[-5.0, 5.0]))
+    s_cls, s_reg = log_vars(model)
+    for s in (s_cls, s_reg):
+        check_derivatives(s, 0.1)  # the hand derivatives against central differences of the formulas
     images, targets = batch()
-    model(images, targets).level_losses.sum().backward()
+    ours, t, outputs, points, counts = head_pass(model, images, targets)
+    ours.level_losses.sum().backward()
+    with torch.no_grad():
+        d = reference_levels(
+            t, outputs, points, counts, SMALL_BOUNDS, "smooth_l1", 0.1, "per_batch", s_cls, s_reg, d_ds=True
+        )
     assert model.log_variances is not None
-    for name, p in model.log_variances.log_vars.items():
-        assert p.grad is not None and torch.isfinite(p.grad) and p.grad != 0, name
+    grads = {name: p.grad for name, p in model.log_variances.log_vars.items()}
+    assert set(grads) == {"cls", "reg"} and all(g is not None for g in grads.values())
+    torch.testing.assert_close(grads["cls"], d["cls"].sum().to(grads["cls"].dtype), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(grads["reg"], d["reg"].sum().to(grads["reg"].dtype), rtol=1e-8, atol=1e-12)
     assert all(torch.isfinite(p.grad).all() for p in model.head.parameters())
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import box_iou, generalized_box_iou_loss
 from torchvision.ops import sigmoid_focal_loss as tv_focal
@@ -16,6 +20,7 @@ from robustdet.models import DetectorLosses, PerLevelRetinaNet, build_model
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import build_backbone
 from robustdet.models.matching import batched_box_iou, match_anchors
+from tests.bayesian_reference import check_derivatives, eq14, eq14_ds, eq16, eq16_ds
 
 NUM_CLASSES = 3
 
@@ -99,12 +104,50 @@ def torchvision_twin(model: PerLevelRetinaNet, cfg: Config, loss_type: str) -> R
     return tv.double().train(model.training)
 
 
-def head_pass(model: PerLevelRetinaNet, images: list[Tensor], targets: list[dict[str, Tensor]]):
-    image_list, t = model.transform(images, targets)
-    features = list(model.backbone(image_list.tensors).values())
-    outputs = model.head(features)
-    anchors, counts = model.batch_anchors(image_list, features)
-    return t, outputs, anchors, counts
+STRIDES = (8, 16, 32, 64, 128)  # P3-P7
+
+
+def independent_anchors(cfg: Config, padded: tuple[int, int], dtype: torch.dtype):
+    """Anchors [A, 4], anchors per level and feature-map sizes of a padded batch, without the model.
+
+    Level i (P3 first) has a ceil(H/s_i) x ceil(W/s_i) map (P6 and P7 are stride-2 convolutions with
+    padding 1), len(scales) * len(ratios) anchors per location, from a fresh torchvision AnchorGenerator.
+    """
+    m = cfg.model
+    h, w = padded
+    grid = [(math.ceil(h / s), math.ceil(w / s)) for s in STRIDES]
+    per_location = len(m.anchor_scales) * len(m.aspect_ratios)
+    counts = [gh * gw * per_location for gh, gw in grid]
+    generator = AnchorGenerator(
+        tuple(tuple(size * k for k in m.anchor_scales) for size in m.anchor_sizes),
+        (tuple(m.aspect_ratios),) * len(STRIDES),
+    )
+    maps = [torch.zeros(1, 1, gh, gw, dtype=dtype) for gh, gw in grid]
+    anchors = generator(ImageList(torch.zeros(1, 3, h, w, dtype=dtype), [(h, w)]), maps)[0]
+    assert anchors.shape[0] == sum(counts)
+    return anchors, counts, grid
+
+
+def head_pass(model: PerLevelRetinaNet, cfg: Config, images: list[Tensor], targets: list[dict[str, Tensor]]):
+    """The training forward, with what went into the loss captured through hooks on the public
+    ``transform`` and ``head``, and anchors / level counts derived independently of the model."""
+    seen: dict[str, object] = {}
+    hooks = [
+        model.transform.register_forward_hook(lambda _m, _i, out: seen.update(image_list=out[0], targets=out[1])),
+        model.head.register_forward_hook(lambda _m, inp, out: seen.update(features=inp[0], outputs=out)),
+    ]
+    try:
+        losses = model(images, targets)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert isinstance(losses, DetectorLosses)
+    outputs = seen["outputs"]
+    anchors, counts, grid = independent_anchors(
+        cfg, tuple(seen["image_list"].tensors.shape[-2:]), outputs["cls_logits"].dtype
+    )
+    assert [tuple(f.shape[-2:]) for f in seen["features"]] == grid, "feature maps are not P3-P7 in order"
+    return losses, seen["targets"], outputs, anchors, counts
 
 
 def reference_levels(
@@ -115,8 +158,17 @@ def reference_levels(
     box_loss: str,
     beta: float,
     normalization: str,
+    s_cls: float | None = None,
+    s_reg: float | None = None,
+    d_ds: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Per-level cls and reg losses image by image with torchvision's Matcher and torchvision.ops losses."""
+    """Per-level cls and reg losses image by image with torchvision's Matcher and torchvision.ops losses.
+
+    With ``s_cls`` / ``s_reg`` the focal and smooth L1 terms are Eq. 16 / Eq. 14 (``bayesian_reference``);
+    with ``d_ds`` too, their derivatives in s instead, normalised alike (the normalisation is linear).
+    """
+    bayesian = s_cls is not None and s_reg is not None
+    assert bayesian or not d_ds
     matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
     coder = det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0))
     level = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
@@ -129,7 +181,10 @@ def reference_levels(
         fg, valid = matched >= 0, matched != -2
         target = torch.zeros_like(logits)
         target[fg, t["labels"][matched[fg]]] = 1.0
-        per_anchor_cls = tv_focal(logits, target, reduction="none").sum(1) * valid
+        if bayesian:
+            per_anchor_cls = (eq16_ds if d_ds else eq16)(logits, target, s_cls).sum(1) * valid
+        else:
+            per_anchor_cls = tv_focal(logits, target, reduction="none").sum(1) * valid
         per_anchor_reg = torch.zeros(anchors.shape[0], dtype=logits.dtype)
         gt = t["boxes"][matched[fg]]
         if box_loss == "giou":
@@ -138,11 +193,13 @@ def reference_levels(
             )
         else:
             enc = coder.encode_single(gt, anchors[fg])
-            diff = (
-                F.l1_loss(deltas[fg], enc, reduction="none")
-                if box_loss == "l1"
-                else F.smooth_l1_loss(deltas[fg], enc, reduction="none", beta=beta)
-            )
+            if bayesian:
+                assert box_loss == "smooth_l1"
+                diff = (eq14_ds if d_ds else eq14)(deltas[fg] - enc, s_reg, beta)
+            elif box_loss == "l1":
+                diff = F.l1_loss(deltas[fg], enc, reduction="none")
+            else:
+                diff = F.smooth_l1_loss(deltas[fg], enc, reduction="none", beta=beta)
             per_anchor_reg[fg] = diff.sum(1)
         cls_sums.append(torch.zeros(len(counts), dtype=logits.dtype).index_add(0, level, per_anchor_cls))
         reg_sums.append(torch.zeros(len(counts), dtype=logits.dtype).index_add(0, level, per_anchor_reg))
@@ -241,14 +298,17 @@ def test_level_losses_sum_to_torchvision(box_loss: str, beta: float, empty: bool
     ("normalization", "box_loss"), [("per_image", "smooth_l1"), ("per_batch", "l1"), ("per_batch", "giou")]
 )
 def test_each_level_against_a_per_image_reference(normalization: str, box_loss: str) -> None:
+    """Level by level, the model's forward and its compute_level_losses against a reference whose anchors
+    and level counts come from the feature-map sizes, not from the model: a wrong level order fails."""
     cfg = tiny_cfg(normalization=normalization, box_loss=box_loss, beta=0.1, cls_weight=0.7)
     model = build(cfg)
     images, targets = batch()
-    t, outputs, anchors, counts = head_pass(model, images, targets)
-    ours = model.compute_level_losses(t, outputs, anchors, counts)
+    forward, t, outputs, anchors, counts = head_pass(model, cfg, images, targets)
     cls, reg = reference_levels(t, outputs, anchors, counts, box_loss, 0.1, normalization)
-    torch.testing.assert_close(ours.components["cls"], 0.7 * cls, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(ours.components["reg"], reg, rtol=1e-9, atol=1e-12)
+    assert int((reg > 0).sum()) >= 4, "the batch should put foreground on several levels"
+    for ours in (forward, model.compute_level_losses(t, outputs, anchors, counts)):
+        torch.testing.assert_close(ours.components["cls"], 0.7 * cls, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ours.components["reg"], reg, rtol=1e-9, atol=1e-12)
 
 
 def test_gradients_match_torchvision() -> None:
@@ -267,26 +327,74 @@ def test_gradients_match_torchvision() -> None:
 # --- Bayesian ----------------------------------------------------------------------------------------
 
 
+S_CLS, S_REG = 0.7, -0.4  # away from s = 0, where Eq. 16 is the plain focal loss
+
+
+def bayes_cfg(s_cls: float, s_reg: float, **loss: object) -> Config:
+    return tiny_cfg(bayesian=True, box_loss="smooth_l1", beta=0.1, log_var_init={"cls": s_cls, "reg": s_reg}, **loss)
+
+
+def log_vars(model: PerLevelRetinaNet) -> tuple[float, float]:
+    """s_cls, s_reg as the model holds them (0.7 is not a float32: the reference takes the stored value)."""
+    assert model.log_variances is not None
+    return float(model.log_variances["cls"].detach()), float(model.log_variances["reg"].detach())
+
+
 def test_bayesian_cls_with_s_zero_is_the_focal_baseline() -> None:
-    bayes_cfg = tiny_cfg(bayesian=True, box_loss="smooth_l1", log_var_init={"cls": 0.0, "reg": 1.0})
-    model = build(bayes_cfg)
+    cfg = bayes_cfg(0.0, 1.0)
+    model = build(cfg)
     assert model.log_variances is not None and model.log_variances.as_dict() == {"cls": 0.0, "reg": 1.0}
     baseline = build(tiny_cfg(box_loss="smooth_l1"), seed=1)
     missing, unexpected = baseline.load_state_dict(model.state_dict(), strict=False)
     assert missing == [] and all(k.startswith("log_variances.") for k in unexpected)
     images, targets = batch()
-    b, f = model(images, targets), baseline(images, targets)
+    b, t, outputs, anchors, counts = head_pass(model, cfg, images, targets)
+    f = baseline(images, targets)
     torch.testing.assert_close(b.components["cls"], f.components["cls"], rtol=1e-9, atol=1e-12)
-    assert not torch.allclose(b.components["reg"], f.components["reg"])  # s_reg = 1 changes the reg term
+    # s_reg = 1: the regression term is Eq. 14, level by level
+    _, reg = reference_levels(t, outputs, anchors, counts, "smooth_l1", 0.1, "per_image", s_cls=0.0, s_reg=1.0)
+    torch.testing.assert_close(b.components["reg"], reg, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("normalization", "cls_weight"), [("per_image", 1.0), ("per_batch", 0.7)])
+def test_bayesian_levels_are_eq16_and_eq14(normalization: str, cls_weight: float) -> None:
+    """At s_cls = 0.7, s_reg = −0.4 each level's cls and reg term against Eq. 16 and Eq. 14 written out
+    in float64 (``bayesian_reference``), with independently derived anchors and level counts."""
+    cfg = bayes_cfg(S_CLS, S_REG, normalization=normalization, cls_weight=cls_weight)
+    model = build(cfg)
+    s_cls, s_reg = log_vars(model)
+    assert (s_cls, s_reg) == (pytest.approx(S_CLS), pytest.approx(S_REG))
+    images, targets = batch()
+    ours, t, outputs, anchors, counts = head_pass(model, cfg, images, targets)
+    with torch.no_grad():
+        cls, reg = reference_levels(t, outputs, anchors, counts, "smooth_l1", 0.1, normalization, s_cls, s_reg)
+        plain_cls, _ = reference_levels(t, outputs, anchors, counts, "smooth_l1", 0.1, normalization)
+    assert int((reg != 0).sum()) >= 4, "the batch should put foreground on several levels"
+    assert not torch.allclose(cls, plain_cls, rtol=1e-3), "s_cls = 0.7 must move the focal term"
+    torch.testing.assert_close(ours.components["cls"], cls_weight * cls, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours.components["reg"], reg, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours.level_losses.detach(), cls_weight * cls + reg, rtol=1e-9, atol=1e-12)
 
 
 def test_bayesian_gradients_reach_log_variances() -> None:
-    model = build(tiny_cfg(bayesian=True, box_loss="smooth_l1", log_var_range=[-5.0, 5.0]))
+    """d(Σ_i L_i)/ds_cls and d/ds_reg equal Σ over anchors of the hand-derived d Eq. 16/ds and d Eq. 14/ds."""
+    cfg = bayes_cfg(S_CLS, S_REG, log_var_range=[-5.0, 5.0])
+    model = build(cfg)
+    s_cls, s_reg = log_vars(model)
+    for s in (s_cls, s_reg):
+        check_derivatives(s, 0.1)  # the hand derivatives against central differences of the formulas
     images, targets = batch()
-    model(images, targets).level_losses.sum().backward()
+    ours, t, outputs, anchors, counts = head_pass(model, cfg, images, targets)
+    ours.level_losses.sum().backward()
+    with torch.no_grad():
+        d_cls, d_reg = reference_levels(
+            t, outputs, anchors, counts, "smooth_l1", 0.1, "per_image", s_cls, s_reg, d_ds=True
+        )
     assert model.log_variances is not None
-    for name, p in model.log_variances.log_vars.items():
-        assert p.grad is not None and torch.isfinite(p.grad) and p.grad != 0, name
+    grads = {name: p.grad for name, p in model.log_variances.log_vars.items()}
+    assert set(grads) == {"cls", "reg"} and all(g is not None for g in grads.values())
+    torch.testing.assert_close(grads["cls"], d_cls.sum().to(grads["cls"].dtype), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(grads["reg"], d_reg.sum().to(grads["reg"].dtype), rtol=1e-8, atol=1e-12)
 
 
 def test_log_variances_only_when_bayesian() -> None:
@@ -353,9 +461,10 @@ def test_unimplemented_detector_is_named(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_cpu_chunking_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     import robustdet.models.retinanet as retinanet_module
 
-    model = build(tiny_cfg(bayesian=True, box_loss="smooth_l1"))
+    cfg = tiny_cfg(bayesian=True, box_loss="smooth_l1")
+    model = build(cfg)
     images, targets = batch()
-    t, outputs, anchors, counts = head_pass(model, images, targets)
+    _, t, outputs, anchors, counts = head_pass(model, cfg, images, targets)
     outputs = {k: v.detach().requires_grad_(True) for k, v in outputs.items()}
     whole = model.compute_level_losses(t, outputs, anchors, counts)
     grads = torch.autograd.grad(
