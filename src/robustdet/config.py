@@ -123,6 +123,8 @@ class DatasetSource(_Section):
     # yolo: the data.yaml key (train/val/test); voc: the ImageSets/Main list (train/val/trainval/test);
     # synthetic: train or val.
     split: str | None = None
+    # synthetic label noise, applied once when the training dataset is built (robustdet.data.noise)
+    label_noise: LabelNoiseConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> DatasetSource:
@@ -164,6 +166,12 @@ class DataConfig(_Section):
     # next readable image, and reported; the run stops once more distinct images than this failed.
     max_corrupt_images: int = Field(10, ge=0)
     num_workers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _check_noise(self) -> DataConfig:
+        if self.val.label_noise is not None:
+            raise ValueError("data.val.label_noise: the validation split is never noised (use data.train.label_noise)")
+        return self
 
 
 class OptimizerConfig(_Section):
@@ -337,6 +345,13 @@ def default_log_var_init(model_name: str) -> dict[str, float]:
         return {"rpn_cls": 0.0, "rpn_reg": 1.0, "roi_cls": 0.0, "roi_reg": 1.0}
     return {"cls": 0.0, "reg": 1.0}
 
+
+# The data package imports this module (its sections), and LabelNoiseConfig lives there: imported last,
+# once every section it needs exists, and the models that refer to it completed with it.
+from robustdet.data.noise import LabelNoiseConfig  # noqa: E402
+
+for _model in (DatasetSource, DataConfig, Config):
+    _model.model_rebuild()
 
 __all__ = [
     "Config",

@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as F
 
 from robustdet.config import AugmentConfig, DataConfig, DatasetSource
 from robustdet.data.coco import DatasetError, ErrorList, coco_api, load_coco, validate_coco, write_json_atomic
+from robustdet.data.noise import apply_source_noise
 from robustdet.data.synthetic import load_synthetic
 from robustdet.data.voc import load_voc
 from robustdet.data.yolo import header_size, load_yolo
@@ -163,6 +164,9 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
     evaluation see the same boxes; with ``empty_images="skip"`` a training dataset leaves out images
     without a non-crowd box (``coco`` still lists them).
     """
+
+    # what data.train.label_noise changed (set by build_dataset; the trainer writes it to label_noise.json)
+    label_noise: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -342,6 +346,7 @@ def build_dataset(source: DatasetSource, data_cfg: DataConfig, train: bool) -> D
     """Load ``source`` with the loader of its format and wrap it; ``train`` turns augmentation on."""
     split = source.split or ("train" if train else "val")
     data, image_root = LOADERS[source.format](source, data_cfg, split)
+    data, noise_report = apply_source_noise(data, source.label_noise, source.path or f"synthetic {split}", train)
     dataset = DetectionDataset(
         data,
         image_root,
@@ -355,6 +360,7 @@ def build_dataset(source: DatasetSource, data_cfg: DataConfig, train: bool) -> D
         # data.max_corrupt_images; evaluation needs every image and stops naming the file
         skip_corrupt=train,
     )
+    dataset.label_noise = noise_report
     # yolo took its sizes from the headers; the synthetic images are generated here
     if data_cfg.verify_images and source.format in ("coco", "voc"):
         verify_image_headers(dataset)
