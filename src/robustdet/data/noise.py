@@ -180,13 +180,17 @@ def apply_label_noise(
             )
 
     replaced: dict[int, dict[str, Any] | None] = {ids[i]: None for i in np.flatnonzero(dropped).tolist()}
-    for i in np.flatnonzero(flipped | jittered).tolist():
-        bbox = new_boxes[i].tolist()
+    changed = np.flatnonzero(flipped | jittered)
+    # whole arrays to Python lists at once: element-wise numpy access costs more than the noise itself
+    changed_boxes, changed_labels = new_boxes[changed].tolist(), new_labels[changed].tolist()
+    for i, bbox, label, moved_box in zip(
+        changed.tolist(), changed_boxes, changed_labels, jittered[changed].tolist(), strict=True
+    ):
         replaced[ids[i]] = {
             **eligible[i],
-            "category_id": categories[int(new_labels[i])],
+            "category_id": categories[label],
             "bbox": bbox,
-            "area": bbox[2] * bbox[3] if jittered[i] else eligible[i]["area"],
+            "area": bbox[2] * bbox[3] if moved_box else eligible[i]["area"],
         }
     annotations = [replaced.get(a["id"], a) for a in data["annotations"]]
     annotations = [a for a in annotations if a is not None] + added
