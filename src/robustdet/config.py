@@ -346,12 +346,14 @@ def default_log_var_init(model_name: str) -> dict[str, float]:
     return {"cls": 0.0, "reg": 1.0}
 
 
-# The data package imports this module (its sections), and LabelNoiseConfig lives there: imported last,
-# once every section it needs exists, and the models that refer to it completed with it.
+# LabelNoiseConfig lives in robustdet.data.noise, and the data package imports this module for its
+# sections: a top-level import would be circular. Imported here, once every section exists, and the
+# models that refer to it are completed with it.
 from robustdet.data.noise import LabelNoiseConfig  # noqa: E402
 
 for _model in (DatasetSource, DataConfig, Config):
     _model.model_rebuild()
+del _model
 
 __all__ = [
     "Config",
