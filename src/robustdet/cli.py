@@ -1,4 +1,4 @@
-"""The ``robustdet`` command line: train, eval, predict, convert, report, compare, plot-losses.
+"""The ``robustdet`` command line: train, eval, predict, convert, noise, report, compare, plot-losses.
 
 Known errors (bad config, bad dataset, bad checkpoint, missing file, a diverged run, a lost rank) end
 with one line naming the file, image or key, and exit code 2; ``--debug`` shows the traceback instead.
@@ -82,6 +82,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_noise(args: argparse.Namespace) -> int:
+    from robustdet.data.noise import NOISE_KINDS, label_noise_config, noise_coco_file
+
+    options = {k: getattr(args, k) for k in (*NOISE_KINDS, "flip_mode", "seed")}
+    cfg = label_noise_config(options, name_of=lambda key: "--" + key.replace("_", "-"))
+    sidecar, report = noise_coco_file(args.src, args.dst, cfg)
+    realised = ", ".join(f"{k} {report['realised'][k]:.4f} ({report['counts'][k]})" for k in NOISE_KINDS)
+    print(f"wrote {args.dst} ({report['annotations']} boxes; realised {realised}) and {sidecar}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from robustdet.report import make_report, metrics_markdown
 
@@ -145,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, help="YOLO data.yaml key or VOC ImageSets/Main list")
     p.add_argument("--out", required=True, help="the COCO json to write")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("noise", help="write a copy of a COCO json with synthetic label noise (and a report)")
+    p.add_argument("src", help="the COCO json to read (never modified)")
+    p.add_argument("dst", help="the noisy COCO json to write; the report goes to DST-stem.label_noise.json")
+    p.add_argument("--class-flip", type=float, default=0.0, help="probability that a box changes class")
+    p.add_argument("--flip-mode", default="uniform", help="uniform (any other class) or pairs (0<->1, 2<->3, ...)")
+    p.add_argument("--box-jitter", type=float, default=0.0, help="r: each edge moves by U(-r, r) x width/height")
+    p.add_argument("--drop", type=float, default=0.0, help="probability that a box is removed")
+    p.add_argument("--spurious", type=float, default=0.0, help="expected number of added boxes per box")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_noise)
 
     p = sub.add_parser("report", help="plots of losses, weights, RLO probabilities and σ; the metrics table")
     p.add_argument("run_dir")

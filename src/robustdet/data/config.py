@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, model_validator
 
 from robustdet.data.coco import CocoSource
 from robustdet.data.source import SourceSection
@@ -58,6 +58,12 @@ class DataConfig(Section):
     # next readable image, and reported; the run stops once more distinct images than this failed.
     max_corrupt_images: int = Field(10, ge=0)
     num_workers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _check_noise(self) -> DataConfig:
+        if self.val.label_noise is not None:
+            raise ValueError("data.val.label_noise: the validation split is never noised (use data.train.label_noise)")
+        return self
 
 
 __all__ = ["FORMATS", "AugmentConfig", "DataConfig", "DatasetSource", "SyntheticConfig", "parse_source"]

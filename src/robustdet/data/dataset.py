@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as F
 
 from robustdet.data.coco import DatasetError, ErrorList, coco_api, validate_coco
 from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, parse_source
+from robustdet.data.noise import apply_source_noise
 from robustdet.data.source import SourceSection
 from robustdet.data.yolo import header_size
 from robustdet.files import write_json_atomic
@@ -163,6 +164,9 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
     evaluation see the same boxes; with ``empty_images="skip"`` a training dataset leaves out images
     without a non-crowd box (``coco`` still lists them).
     """
+
+    # what data.train.label_noise changed (set by build_dataset; the trainer writes it to label_noise.json)
+    label_noise: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -329,6 +333,7 @@ def build_dataset(source: SourceSection, data_cfg: DataConfig, train: bool) -> D
     """Load ``source`` with the loader of its format and wrap it; ``train`` turns augmentation on."""
     split = source.split or ("train" if train else "val")
     data, image_root = source.load(data_cfg, split)
+    data, noise_report = apply_source_noise(data, source.label_noise, source.describe(split), train)
     dataset = DetectionDataset(
         data,
         image_root,
@@ -342,6 +347,7 @@ def build_dataset(source: SourceSection, data_cfg: DataConfig, train: bool) -> D
         # data.max_corrupt_images; evaluation needs every image and stops naming the file
         skip_corrupt=train,
     )
+    dataset.label_noise = noise_report
     # yolo took its sizes from the headers; the synthetic images are generated here
     if data_cfg.verify_images and source.verify_headers:
         verify_image_headers(dataset)

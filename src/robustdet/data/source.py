@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import model_validator
 
+from robustdet.data.noise import LabelNoiseConfig
 from robustdet.section import Section
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ class SourceSection(Section):
 
     format: str
     split: str | None = None
+    # synthetic label noise, applied once when the training dataset is built (robustdet.data.noise)
+    label_noise: LabelNoiseConfig | None = None
     # read every image's header before training (``data.verify_images``) for this format
     verify_headers: ClassVar[bool] = False
 

@@ -32,6 +32,7 @@ from robustdet import distributed as dist
 from robustdet.config import Config, ConfigError, config_from_stored, config_to_yaml
 from robustdet.data import DatasetError, DetectionDataset, build_dataset, build_eval_loader, build_train_loader
 from robustdet.data.loader import shutdown_workers
+from robustdet.data.noise import write_noise_report
 from robustdet.engine.checkpoint import (
     CheckpointError,
     find_resumable,
@@ -408,6 +409,8 @@ class Trainer:
             if dist.is_main():
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
+                if self.train_set.label_noise is not None:
+                    write_noise_report(self.train_set.label_noise, self.out_dir / "label_noise.json")
             old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
             return self._loop()
         except Exception as exc:
