@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import IO, Any
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be used; the message names the file."""
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (best effort: not every filesystem allows it)."""
     try:
@@ -66,4 +70,4 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> 
     return write_text_atomic(path, text)
 
 
-__all__ = ["fsync_dir", "write_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["CheckpointError", "fsync_dir", "write_atomic", "write_json_atomic", "write_text_atomic"]

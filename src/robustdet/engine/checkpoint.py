@@ -19,17 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustdet.files import fsync_dir
+from robustdet.files import CheckpointError, fsync_dir
 
 LAST = "last.pt"
 PREV = "prev.pt"
 # Test-only hook: seconds to sleep between the complete temporary file and the renames, so that a test
 # can kill the process in the middle of a checkpoint write (tests/test_robustness.py).
 TEST_DELAY_ENV = "ROBUSTDET_TEST_CHECKPOINT_DELAY"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file."""
 
 
 def save_checkpoint(state: dict[str, Any], ckpt_dir: Path) -> Path:

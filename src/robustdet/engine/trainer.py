@@ -46,6 +46,7 @@ from robustdet.engine.schedule import build_scheduler
 from robustdet.files import write_text_atomic
 from robustdet.losses import set_finite_checks
 from robustdet.models import Detector, DetectorLosses, build_model
+from robustdet.models.weights import load_detector_weights
 from robustdet.weighting import LevelWeighting, build_weighting
 
 CHECKPOINT_FORMAT = 1
@@ -233,6 +234,8 @@ class Trainer:
             model = build_model(cfg, self.train_set.num_classes).to(self.device)
         except ValueError as exc:  # the model's own checks of its config (e.g. loss.log_var_init keys)
             raise ConfigError(f"model: {exc}") from exc
+        if cfg.model.weights is not None and not self.resume:  # a resumed run has its own weights
+            self._say(load_detector_weights(model, cfg.model.weights, self.train_set.num_classes).line())
         self.level_names = list(model.level_names)
         self.weighting: LevelWeighting = build_weighting(cfg.weighting, len(self.level_names), cfg.seed)
         self.weighting.to(self.device)

@@ -15,7 +15,8 @@ Pyramids (``PYRAMIDS``):
 - ``"p2p6"`` (Faster R-CNN): P2-P5 plus a max-pooled P6 (torchvision's ``LastLevelMaxPool``).
 
 Normalisation layers: with no pretrained weights the body uses ``nn.BatchNorm2d``, because
-``FrozenBatchNorm2d`` would freeze random statistics that never train; with pretrained weights it uses
+``FrozenBatchNorm2d`` would freeze random statistics that never train; with pretrained weights
+(``model.backbone_weights``, or a whole trained detector in ``model.weights``) it uses
 ``FrozenBatchNorm2d`` as torchvision's detection models do. Freezing layers of a randomly initialised
 body is equally pointless, so without weights every layer trains whatever
 ``model.trainable_backbone_layers`` says.
@@ -220,7 +221,8 @@ def build_backbone(cfg: ModelSection, pyramid: str = "p3p7") -> BackboneWithFPN:
     pyr = PYRAMIDS[pyramid]
     weights_path: Path | None = None
     enum_weights = None
-    if cfg.backbone_weights is not None:
+    # model.weights replaces every backbone tensor after the build: loading (or downloading) these first is waste
+    if cfg.backbone_weights is not None and cfg.weights is None:
         candidate = Path(cfg.backbone_weights).expanduser()
         if candidate.is_file():
             weights_path = candidate
@@ -228,7 +230,7 @@ def build_backbone(cfg: ModelSection, pyramid: str = "p3p7") -> BackboneWithFPN:
             raise ValueError(f"model.backbone_weights: no such file {candidate}")
         else:
             enum_weights = resolve_weights(cfg.backbone_weights, cfg.backbone)
-    pretrained = cfg.backbone_weights is not None
+    pretrained = cfg.backbone_weights is not None or cfg.weights is not None
     norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     net = spec.constructor(weights=enum_weights, norm_layer=norm_layer)
     trainable = cfg.trainable_backbone_layers if pretrained else _max_trainable(spec.family)

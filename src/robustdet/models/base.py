@@ -42,6 +42,10 @@ class ModelSection(Section):
     # None (random init, the default and what every test uses), a local .pth file, or a torchvision
     # weights enum name such as "ResNet50_Weights.IMAGENET1K_V1" (downloads on a user's machine).
     backbone_weights: str | None = None
+    # A trained detector to start training from (not when resuming): a robustdet checkpoint (its "model")
+    # or a torchvision detection state dict, e.g. retinanet_resnet50_fpn_v2's file; supersedes
+    # backbone_weights (docs/models.md, "Start from trained weights").
+    weights: str | None = None
     trainable_backbone_layers: int = Field(5, ge=0, le=6)
     fpn_channels: int = Field(256, ge=8)
     head_norm: Literal["none", "group_norm"] = "none"
