@@ -12,6 +12,7 @@ import torch
 
 from robustdet.cli import main
 from robustdet.config import ConfigError
+from robustdet.engine.evaluator import METRIC_NAMES
 from robustdet.sweep import build_cells, load_sweep_file, parse_grid_arg, parse_seeds, safe_name, spec_from_args
 from tests.conftest import REPO, tiny_overrides
 
@@ -216,3 +217,31 @@ def test_a_cell_folder_with_another_config_is_refused(swept, capsys):
     err = capsys.readouterr().err
     assert "holds a run with another config (train.optimizer.lr: 0.0005 there, 0.001 in the sweep)" in err
     assert (out / "summary.csv").read_text() == before
+
+
+def test_a_diverged_cell_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    from robustdet.engine import trainer
+
+    class FakeTrainer:  # the sweep's bookkeeping only: avw "diverges", the others "finish"
+        def __init__(self, cfg, out_dir, resume=False, console=None):
+            self.cfg, self.out = cfg, out_dir
+
+        def train(self):
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(trainer.config_to_yaml(self.cfg))
+            if self.cfg.weighting.name == "avw":
+                raise trainer.TrainingDiverged("non-finite loss at iteration 3")
+            (self.out / "metrics.json").write_text(json.dumps({"bbox": dict.fromkeys(METRIC_NAMES, 1.0)}))
+            return {}
+
+    monkeypatch.setattr(trainer, "Trainer", FakeTrainer)
+    out = tmp_path / "sweep"
+    argv = ["sweep", CONFIG, *GRID, "--out", str(out), f"data.synthetic.cache_dir={tmp_path}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"2 cells diverged ({NAMES[1]}, {NAMES[3]})" in err
+    assert [(r["cell"], r["status"], r["AP"]) for r in _rows(out)] == [
+        (NAMES[0], "done", "1.0"), (NAMES[1], "diverged", ""), (NAMES[2], "done", "1.0"), (NAMES[3], "diverged", "")]
+    assert json.loads((out / NAMES[1] / "cell.json").read_text())["error"] == "non-finite loss at iteration 3"
+    assert main(argv) == 2  # a rerun does not retry them, and says so
+    assert f"{NAMES[1]}: diverged in an earlier sweep, skipped" in capsys.readouterr().out

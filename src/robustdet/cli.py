@@ -124,6 +124,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"robustdet compare: warning: {w}", file=sys.stderr)
     if not (comp.replicated or args.baseline or args.plot):
         print(compare_runs(paths))  # one run per setting: the plain side-by-side table
+        print("".join(f"note: {n}\n" for n in notes), end="")
         return 0
     print(comp.text())
     if args.plot:
