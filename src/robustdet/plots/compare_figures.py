@@ -116,8 +116,11 @@ def _bars(ax: plt.Axes, groups: Sequence[Group], heights: dict[str, float], erro
             offsets = np.linspace(-0.3, 0.3, k) * width if k > 1 else np.zeros(1)
             ax.scatter(xs[g.label] + offsets, dots[g.label], s=10, color="white", edgecolors="black",
                        linewidths=0.7, zorder=3)
-    ax.set_xticks([t for t, _ in ticks], [n for _, n in ticks], rotation=0 if len(ticks) <= 4 else 30,
-                  ha="center" if len(ticks) <= 4 else "right", fontsize=9)
+    names = [n for _, n in ticks]
+    # slanted when the names would run into each other (about 10 characters fit under a bar cluster)
+    slant = len(ticks) > 1 and max(len(n) for n in names) > 10
+    ax.set_xticks([t for t, _ in ticks], names, rotation=25 if slant else 0, ha="right" if slant else "center",
+                  fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     if len(seen) > 1 and any(h != g.label for g in groups for h in [hue_of[g.label]]):
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
