@@ -1,4 +1,4 @@
-"""The ``robustdet`` command line: train, eval, predict, convert, noise, report, compare, plot-losses.
+"""The ``robustdet`` command line: train, sweep, eval, predict, convert, noise, report, compare, plot-losses.
 
 Known errors (bad config, bad dataset, bad checkpoint, missing file, a diverged run, a lost rank) end
 with one line naming the file, image or key, and exit code 2; ``--debug`` shows the traceback instead.
@@ -106,10 +106,43 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from robustdet.engine.trainer import TrainingDiverged
+    from robustdet.sweep import build_cells, plan_text, run_sweep, spec_from_args
+
+    spec = spec_from_args(args.config, args.overrides, args.grid, args.seeds)
+    cells = build_cells(spec)
+    out = Path(args.out)
+    if args.dry_run:
+        print(plan_text(spec, cells, out))
+        return 0
+    diverged = run_sweep(spec, cells, out)
+    print(f"sweep directory: {out}  (summary.csv; compare with: robustdet compare {out})")
+    if diverged:
+        raise TrainingDiverged(f"{out}: {len(diverged)} cells diverged ({', '.join(diverged)}); see their events.jsonl")
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from robustdet.compare import DEFAULT_METRICS, build_comparison, expand_run_dirs, load_run
     from robustdet.report import compare_runs
 
-    print(compare_runs(args.run_dirs))
+    paths, notes = expand_run_dirs(args.run_dirs)
+    metrics = args.metrics.split(",") if args.metrics else list(DEFAULT_METRICS)
+    by = args.by.split(",") if args.by else None
+    comp = build_comparison([load_run(p) for p in paths], args.baseline, by, metrics, notes)
+    for w in comp.warnings:
+        print(f"robustdet compare: warning: {w}", file=sys.stderr)
+    if not (comp.replicated or args.baseline or args.plot):
+        print(compare_runs(paths))  # one run per setting: the plain side-by-side table
+        print("".join(f"note: {n}\n" for n in notes), end="")
+        return 0
+    print(comp.text())
+    if args.plot:
+        from robustdet.plots.compare_figures import plot_comparison
+
+        for f in plot_comparison(comp.groups, Path(args.plot), comp.base):
+            print(f"wrote {f}")
     return 0
 
 
@@ -136,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start again in a run directory that has checkpoints")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sweep", help="train the product of a grid and seeds, one run directory per cell")
+    p.add_argument("config", help="a run config (with --grid) or a sweep file (config, overrides, seeds, grid)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every cell")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="an axis (repeatable)")
+    p.add_argument("--seeds", metavar="0,1,2", help="the seeds (default: the sweep file's, else the config's)")
+    p.add_argument("--out", required=True, help="the sweep directory: one folder per cell, summary.csv")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and iterations; train nothing")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("eval", help="COCO-evaluate a checkpoint on its config's data.val")
     p.add_argument("checkpoint")
@@ -172,8 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("compare", help="side-by-side metrics of several runs")
-    p.add_argument("run_dirs", nargs="+")
+    p = sub.add_parser("compare", help="side-by-side metrics of runs; mean ± std over seeds, paired differences")
+    p.add_argument("run_dirs", nargs="+", help="run directories, or a sweep directory (its finished cells)")
+    p.add_argument("--baseline", help="a group label, a run, or labels such as method=baseline")
+    p.add_argument("--by", metavar="KEY,...", help="the config keys or sections (loss.) the comparison is about")
+    p.add_argument("--metrics", metavar="AP,AP50,...", help="the COCO numbers to show")
+    p.add_argument("--plot", metavar="DIR", help="write AP-vs-iteration and final-AP figures here")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("plot-losses", help="the papers' Figures 1 and 2 (Bayesian smooth L1 and focal)")
@@ -203,7 +249,13 @@ def _message(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        # argparse leaves KEY=VALUE after options unmatched (`sweep CONFIG --out DIR KEY=VALUE`)
+        if args.command != "sweep" or any(r.startswith("-") for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = [*args.overrides, *rest]
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
