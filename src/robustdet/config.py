@@ -164,6 +164,9 @@ class DataConfig(_Section):
     # next readable image, and reported; the run stops once more distinct images than this failed.
     max_corrupt_images: int = Field(10, ge=0)
     num_workers: int = Field(2, ge=0)
+    # Batch images with width >= height apart from those with width < height (less padding); the data
+    # order stays a function of (seed, iteration), see docs/data.md.
+    group_aspect_ratio: bool = False
 
 
 class OptimizerConfig(_Section):

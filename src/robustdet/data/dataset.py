@@ -19,9 +19,10 @@ from torchvision.transforms.v2 import functional as F
 
 from robustdet.config import AugmentConfig, DataConfig, DatasetSource
 from robustdet.data.coco import DatasetError, ErrorList, coco_api, load_coco, validate_coco, write_json_atomic
+from robustdet.data.headers import cache_file, read_headers
 from robustdet.data.synthetic import load_synthetic
 from robustdet.data.voc import load_voc
-from robustdet.data.yolo import header_size, load_yolo
+from robustdet.data.yolo import load_yolo
 
 Target = dict[str, Any]
 Key = int | tuple[int, int]
@@ -121,26 +122,21 @@ def read_image(path: str) -> torch.Tensor:
     return image
 
 
-def verify_image_headers(dataset: DetectionDataset) -> None:
+def verify_image_headers(dataset: DetectionDataset, cache_dir: str | Path | None = None) -> None:
     """Read each image's header: non-image files, animated GIFs (they decode to several frames) and
     sizes other than the annotated ones are reported together, naming the files, before training starts.
 
-    Cheap for JPEG (the header and EXIF block only); for PNG, Pillow reads the whole file looking for
-    EXIF, which also catches truncated PNGs.
+    The headers are read on rank 0 only, in threads, and cached in ``cache_dir`` (see data/headers.py),
+    so a resume re-reads only the files that changed.
     """
     errors = ErrorList()
-    for index in range(len(dataset)):
-        path = dataset.image_path(index)
-        try:
-            width, height = header_size(Path(path))
-            with Image.open(path) as im:
-                frames = im.n_frames if im.format == "GIF" else 1
-        except DatasetError as exc:
-            errors.add(f"{dataset.source}: {exc}")
+    paths = [dataset.image_path(index) for index in range(len(dataset))]
+    cache = cache_file(cache_dir, dataset.source, str(dataset.image_root))
+    for index, (path, header) in enumerate(zip(paths, read_headers(paths, cache), strict=True)):
+        if isinstance(header, str):
+            errors.add(f"{dataset.source}: {header}")
             continue
-        except (OSError, EOFError, SyntaxError, ValueError) as exc:
-            errors.add(f"{dataset.source}: {path}: cannot read the image header ({exc})")
-            continue
+        width, height, frames = header
         if frames > 1:
             errors.add(f"{dataset.source}: {path}: an animated GIF with {frames} frames, expected a still image")
             continue
@@ -325,23 +321,32 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
             return self.transform(sample)
 
 
-def _coco_source(source: DatasetSource, data_cfg: DataConfig, split: str) -> tuple[dict[str, Any], Path]:
+def _coco_source(
+    source: DatasetSource, data_cfg: DataConfig, split: str, cache_dir: str | Path | None = None
+) -> tuple[dict[str, Any], Path]:
     path = Path(source.path or "")
     return load_coco(path, source.image_root if source.image_root is not None else path.parent)
 
 
-LOADERS: dict[str, Callable[[DatasetSource, DataConfig, str], tuple[dict[str, Any], Path]]] = {
+# (source, data config, split, header cache dir) -> (COCO dict, image root); only yolo reads headers here
+LOADERS: dict[str, Callable[[DatasetSource, DataConfig, str, str | Path | None], tuple[dict[str, Any], Path]]] = {
     "coco": _coco_source,
-    "yolo": lambda src, cfg, split: load_yolo(src.path or "", split, src.image_root),
-    "voc": lambda src, cfg, split: load_voc(src.path or "", split, image_root=src.image_root),
-    "synthetic": lambda src, cfg, split: load_synthetic(cfg.synthetic, split),
+    "yolo": lambda src, cfg, split, cache_dir=None: load_yolo(src.path or "", split, src.image_root, cache_dir),
+    "voc": lambda src, cfg, split, cache_dir=None: load_voc(src.path or "", split, image_root=src.image_root),
+    "synthetic": lambda src, cfg, split, cache_dir=None: load_synthetic(cfg.synthetic, split),
 }
 
 
-def build_dataset(source: DatasetSource, data_cfg: DataConfig, train: bool) -> DetectionDataset:
-    """Load ``source`` with the loader of its format and wrap it; ``train`` turns augmentation on."""
+def build_dataset(
+    source: DatasetSource, data_cfg: DataConfig, train: bool, cache_dir: str | Path | None = None
+) -> DetectionDataset:
+    """Load ``source`` with the loader of its format and wrap it; ``train`` turns augmentation on.
+
+    ``cache_dir`` holds the image-header cache (None: ``$ROBUSTDET_CACHE/headers`` or
+    ``~/.cache/robustdet/headers``; see data/headers.py).
+    """
     split = source.split or ("train" if train else "val")
-    data, image_root = LOADERS[source.format](source, data_cfg, split)
+    data, image_root = LOADERS[source.format](source, data_cfg, split, cache_dir)
     dataset = DetectionDataset(
         data,
         image_root,
@@ -357,7 +362,7 @@ def build_dataset(source: DatasetSource, data_cfg: DataConfig, train: bool) -> D
     )
     # yolo took its sizes from the headers; the synthetic images are generated here
     if data_cfg.verify_images and source.format in ("coco", "voc"):
-        verify_image_headers(dataset)
+        verify_image_headers(dataset, cache_dir)
     return dataset
 
 
@@ -370,6 +375,6 @@ def convert_to_coco(fmt: str, path: str | Path, split: str, out_json: str | Path
     if fmt not in ("yolo", "voc"):
         raise DatasetError(f"convert: the input format must be yolo or voc, got {fmt!r}")
     source = DatasetSource(format=fmt, path=str(path), split=split)
-    data, image_root = LOADERS[fmt](source, DataConfig(), split)
+    data, image_root = LOADERS[fmt](source, DataConfig(), split, None)
     write_json_atomic(data, out_json)
     return image_root
