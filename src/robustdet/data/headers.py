@@ -5,8 +5,8 @@ At COCO scale (118k images) opening every header costs minutes per process, at e
 
 - reads on rank 0 only and broadcasts the result (``robustdet.engine.distributed.broadcast_object``), so
   the other ranks of a torchrun wait instead of reading the same files;
-- reads the headers that are not cached in a thread pool (file opening and the reads are I/O, during
-  which CPython releases the GIL; header parsing itself is Python and gains little: docs/benchmarks.md);
+- reads the headers that are not cached in a thread pool (opening and reading files is I/O, during
+  which CPython releases the GIL; header parsing itself is Python under the GIL and gains nothing);
 - caches them in a json file whose entries are keyed by (absolute path, size, mtime_ns), so a resume
   or a new run over the same files re-reads nothing that did not change.
 
@@ -37,8 +37,10 @@ from robustdet.engine import distributed as dist
 
 # Bump when what an entry means changes, so that old caches are not mistaken for new ones.
 CACHE_VERSION = 1
-# Threads that read uncached headers. Measured on 3,000 small JPEGs (docs/benchmarks.md): the reads
-# scale a little on a local disk and more on network file systems, where each open waits on the server.
+# Threads that read uncached headers. With the files in the page cache the work is Pillow's Python
+# parsing under the GIL, and 8 threads measured 20-40 % slower than 1 on 2 busy cores (docs/benchmarks.md);
+# they are for the case this machine could not measure: cold files on a network file system or disk,
+# where each open and read waits on I/O with the GIL released. The cache makes it a first-start cost.
 HEADER_THREADS = 8
 
 _EXIF_ORIENTATION = 0x0112
