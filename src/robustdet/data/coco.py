@@ -242,7 +242,7 @@ class CocoSource(FileSource):
     format: Literal["coco"] = "coco"
     verify_headers: ClassVar[bool] = True
 
-    def load(self, data: Any, split: str) -> tuple[dict[str, Any], Path]:
+    def load(self, data: Any, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
         path = Path(self.path or "")
         return load_coco(path, self.image_root if self.image_root is not None else path.parent)
 

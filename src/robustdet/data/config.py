@@ -58,6 +58,10 @@ class DataConfig(Section):
     # next readable image, and reported; the run stops once more distinct images than this failed.
     max_corrupt_images: int = Field(10, ge=0)
     num_workers: int = Field(2, ge=0)
+    # Batches of images of one orientation only (w >= h, or w < h), as torchvision's GroupedBatchSampler
+    # and detectron2's AspectRatioGroupedDataset: less padding per batch; the (seed, iteration) data order
+    # and exact resume stay (data/loader.py, AspectRatioBatchSampler).
+    group_aspect_ratio: bool = False
 
     @model_validator(mode="after")
     def _check_noise(self) -> DataConfig:

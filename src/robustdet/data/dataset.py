@@ -19,9 +19,9 @@ from torchvision.transforms.v2 import functional as F
 
 from robustdet.data.coco import DatasetError, ErrorList, coco_api, validate_coco
 from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, parse_source
+from robustdet.data.headers import cache_file, read_headers
 from robustdet.data.noise import apply_source_noise
 from robustdet.data.source import SourceSection
-from robustdet.data.yolo import header_size
 from robustdet.files import write_json_atomic
 
 Target = dict[str, Any]
@@ -122,26 +122,21 @@ def read_image(path: str) -> torch.Tensor:
     return image
 
 
-def verify_image_headers(dataset: DetectionDataset) -> None:
+def verify_image_headers(dataset: DetectionDataset, cache_dir: str | Path | None = None) -> None:
     """Read each image's header: non-image files, animated GIFs (they decode to several frames) and
     sizes other than the annotated ones are reported together, naming the files, before training starts.
 
-    Cheap for JPEG (the header and EXIF block only); for PNG, Pillow reads the whole file looking for
-    EXIF, which also catches truncated PNGs.
+    The headers are read on rank 0 only, in threads, and cached in ``cache_dir`` (see data/headers.py),
+    so a resume re-reads only the files that changed.
     """
     errors = ErrorList()
-    for index in range(len(dataset)):
-        path = dataset.image_path(index)
-        try:
-            width, height = header_size(Path(path))
-            with Image.open(path) as im:
-                frames = im.n_frames if im.format == "GIF" else 1
-        except DatasetError as exc:
-            errors.add(f"{dataset.source}: {exc}")
+    paths = [dataset.image_path(index) for index in range(len(dataset))]
+    cache = cache_file(cache_dir, dataset.source, str(dataset.image_root))
+    for index, (path, header) in enumerate(zip(paths, read_headers(paths, cache), strict=True)):
+        if isinstance(header, str):
+            errors.add(f"{dataset.source}: {header}")
             continue
-        except (OSError, EOFError, SyntaxError, ValueError) as exc:
-            errors.add(f"{dataset.source}: {path}: cannot read the image header ({exc})")
-            continue
+        width, height, frames = header
         if frames > 1:
             errors.add(f"{dataset.source}: {path}: an animated GIF with {frames} frames, expected a still image")
             continue
@@ -329,10 +324,16 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
             return self.transform(sample)
 
 
-def build_dataset(source: SourceSection, data_cfg: DataConfig, train: bool) -> DetectionDataset:
-    """Load ``source`` with the loader of its format and wrap it; ``train`` turns augmentation on."""
+def build_dataset(
+    source: SourceSection, data_cfg: DataConfig, train: bool, cache_dir: str | Path | None = None
+) -> DetectionDataset:
+    """Load ``source`` with the loader of its format and wrap it; ``train`` turns augmentation on.
+
+    ``cache_dir`` holds the image-header cache (None: ``$ROBUSTDET_CACHE/headers`` or
+    ``~/.cache/robustdet/headers``; see data/headers.py).
+    """
     split = source.split or ("train" if train else "val")
-    data, image_root = source.load(data_cfg, split)
+    data, image_root = source.load(data_cfg, split, cache_dir)
     data, noise_report = apply_source_noise(data, source.label_noise, source.describe(split), train)
     dataset = DetectionDataset(
         data,
@@ -350,7 +351,7 @@ def build_dataset(source: SourceSection, data_cfg: DataConfig, train: bool) -> D
     dataset.label_noise = noise_report
     # yolo took its sizes from the headers; the synthetic images are generated here
     if data_cfg.verify_images and source.verify_headers:
-        verify_image_headers(dataset)
+        verify_image_headers(dataset, cache_dir)
     return dataset
 
 

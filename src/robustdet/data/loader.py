@@ -106,6 +106,75 @@ class InfiniteBatchSampler(Sampler[list[tuple[int, int]]]):
         return self.max_iter - self.start_iter
 
 
+def aspect_groups(dataset: Any) -> list[int]:
+    """0 for images with width >= height (landscape, square), 1 for width < height, by annotated size."""
+    return [int(w < h) for h, w in (dataset.annotated_size(i) for i in range(len(dataset)))]
+
+
+class AspectRatioBatchSampler(InfiniteBatchSampler):
+    """``InfiniteBatchSampler`` whose batches each hold images of one aspect group only.
+
+    Padding a landscape and a portrait image to one canvas wastes about half of it; torchvision's
+    GroupedBatchSampler and detectron2's AspectRatioGroupedDataset avoid that by batching within
+    groups, but their batches depend on the order images arrive in, which a resume cannot replay.
+    Here every batch is a function of (seed, epoch, index): epoch ``e``'s permutation (the same as
+    InfiniteBatchSampler's) is split into the groups, keeping its order; each group is cut into
+    batches of ``batch_size``; the last, short batch of a group is filled up with that group's first
+    images of the epoch (so per epoch every image appears once, and at most batch_size - 1 images per
+    group a second time; a group smaller than a batch repeats cyclically); the epoch's batches are put
+    in an order drawn from ``hash63("robustdet.batch_order", seed, e)``. The ranks take consecutive
+    batches of that stream: global batch ``i`` is stream batches ``[i*W, (i+1)*W)``, rank ``r`` takes
+    ``i*W + r``. Sample seeds are ``sample_seed(seed, k*B + j)`` for slot ``j`` of stream batch ``k``.
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[int],
+        batch_size: int,
+        seed: int,
+        start_iter: int = 0,
+        max_iter: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__(len(groups), batch_size, seed, start_iter, max_iter, rank, world_size, shuffle)
+        self.groups = torch.as_tensor(list(groups), dtype=torch.int64)
+        sizes = torch.bincount(self.groups, minlength=2).tolist()
+        if len(sizes) > 2:
+            raise ValueError(f"AspectRatioBatchSampler: groups must be 0 or 1, got {sorted(set(groups))}")
+        # constant over epochs, so stream batch k lies in epoch k // batches_per_epoch
+        self.batches_per_epoch = sum(-(-n // batch_size) for n in sizes)
+        self._epoch_batches: dict[int, torch.Tensor] = {}
+
+    def _batches(self, epoch: int) -> torch.Tensor:
+        """[batches_per_epoch, batch_size] indices of ``epoch``, in the epoch's batch order."""
+        batches = self._epoch_batches.get(epoch)
+        if batches is None:
+            perm = self._permutation(epoch) if self.shuffle else torch.arange(self.dataset_size)
+            chunks = []
+            for group in (0, 1):
+                members = perm[self.groups[perm] == group]
+                if len(members):
+                    count = -(-len(members) // self.batch_size) * self.batch_size
+                    chunks.append(members[torch.arange(count) % len(members)].view(-1, self.batch_size))
+            batches = torch.cat(chunks)
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(hash63("robustdet.batch_order", self.seed, epoch))
+                batches = batches[torch.randperm(len(batches), generator=generator)]
+            if len(self._epoch_batches) >= 2:
+                self._epoch_batches.pop(min(self._epoch_batches))
+            self._epoch_batches[epoch] = batches
+        return batches
+
+    def batch(self, iteration: int) -> list[tuple[int, int]]:
+        """This rank's batch of global batch ``iteration``."""
+        k = iteration * self.world_size + self.rank
+        epoch, index = divmod(k, self.batches_per_epoch)
+        indices = self._batches(epoch)[index].tolist()
+        return [(i, sample_seed(self.seed, k * self.batch_size + j)) for j, i in enumerate(indices)]
+
+
 # How long a data worker outlives a SIGTERM while its main process is alive (see ignore_stop_signals).
 WORKER_SIGTERM_GRACE_S = 10.0
 _worker_parent: int | None = None
@@ -167,21 +236,27 @@ def build_train_loader(
     world_size: int = 1,
     num_workers: int = 0,
     pin_memory: bool = False,
+    group_aspect_ratio: bool = False,
 ) -> DataLoader[Any]:
     """The training loader: batch ``i`` (from ``start_iter``) is the same whatever the number of workers.
 
     No seeding worker_init_fn is needed: each sample carries its own seed, so worker RNG states do not
     matter (the workers' init only leaves SIGINT/SIGTERM to the main process). Starting the loader leaves
-    the global torch RNG untouched.
+    the global torch RNG untouched. ``group_aspect_ratio`` batches landscape and portrait images apart
+    (AspectRatioBatchSampler; the dataset needs ``annotated_size``). ``pin_memory`` is for CUDA only.
     """
-    sampler = InfiniteBatchSampler(
-        len(dataset),  # type: ignore[arg-type]
-        batch_size,
-        seed,
-        start_iter=start_iter,
-        max_iter=max_iter,
-        rank=rank,
-        world_size=world_size,
+    sampler = (
+        AspectRatioBatchSampler(aspect_groups(dataset), batch_size, seed, start_iter, max_iter, rank, world_size)
+        if group_aspect_ratio
+        else InfiniteBatchSampler(
+            len(dataset),  # type: ignore[arg-type]
+            batch_size,
+            seed,
+            start_iter=start_iter,
+            max_iter=max_iter,
+            rank=rank,
+            world_size=world_size,
+        )
     )
     return DataLoader(
         dataset,

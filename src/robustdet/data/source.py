@@ -30,8 +30,11 @@ class SourceSection(Section):
     # read every image's header before training (``data.verify_images``) for this format
     verify_headers: ClassVar[bool] = False
 
-    def load(self, data: DataConfig, split: str) -> tuple[dict[str, Any], Path]:
-        """The split as a validated COCO dict, and the folder its ``file_name``s are relative to."""
+    def load(
+        self, data: DataConfig, split: str, cache_dir: str | Path | None = None
+    ) -> tuple[dict[str, Any], Path]:
+        """The split as a validated COCO dict, and the folder its ``file_name``s are relative to;
+        ``cache_dir``: where a loader that reads image headers caches them (data/headers.py)."""
         raise NotImplementedError
 
     def describe(self, split: str) -> str:

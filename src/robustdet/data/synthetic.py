@@ -60,7 +60,7 @@ class SyntheticSource(SourceSection):
 
     format: Literal["synthetic"] = "synthetic"
 
-    def load(self, data: Any, split: str) -> tuple[dict[str, Any], Path]:
+    def load(self, data: Any, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
         return load_synthetic(data.synthetic, split)
 
 

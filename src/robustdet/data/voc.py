@@ -104,7 +104,7 @@ class VocSource(FileSource):
     format: Literal["voc"] = "voc"
     verify_headers: ClassVar[bool] = True
 
-    def load(self, data: Any, split: str) -> tuple[dict[str, Any], Path]:
+    def load(self, data: Any, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
         return load_voc(self.path or "", split, image_root=self.image_root)
 
 

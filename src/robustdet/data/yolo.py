@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from PIL import Image, UnidentifiedImageError
 
 from robustdet.data.coco import (
     DatasetError,
@@ -19,25 +18,16 @@ from robustdet.data.coco import (
     check_image_root,
     validate_coco,
 )
+from robustdet.data.headers import cache_file, read_header, read_headers
 from robustdet.data.source import FileSource
 
 # The Ultralytics image suffixes that torchvision.io or PIL can decode here (no DNG/HEIC/PFM/MPO).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
-
 
 def header_size(path: Path) -> tuple[int, int]:
     """(width, height) as the image will be decoded, EXIF orientation applied, read without decoding."""
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{path}: cannot read the image header ({exc})") from None
-    if orientation in _TRANSPOSING_ORIENTATIONS:
-        width, height = height, width
+    width, height, _ = read_header(path)
     return width, height
 
 
@@ -141,19 +131,20 @@ class YoloSource(FileSource):
 
     format: Literal["yolo"] = "yolo"
 
-    def load(self, data: Any, split: str) -> tuple[dict[str, Any], Path]:
-        return load_yolo(self.path or "", split, self.image_root)
+    def load(self, data: Any, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+        return load_yolo(self.path or "", split, self.image_root, cache_dir)
 
 
 def load_yolo(
-    data_yaml: str | Path, split: str, image_root: str | Path | None = None
+    data_yaml: str | Path, split: str, image_root: str | Path | None = None, cache_dir: str | Path | None = None
 ) -> tuple[dict[str, Any], Path]:
     """Read one split of an Ultralytics dataset as a COCO dict; the image root is the dataset root.
 
     ``path`` in data.yaml, when relative, is taken relative to the data.yaml's folder (Ultralytics
     takes it relative to its datasets dir); ``image_root`` replaces it. Category ids are the YOLO class
     ids + 1 (so COCO ids start at 1 and their sorted order is the YOLO class order); image ids are
-    1..N in sorted file order; ``file_name`` is the path relative to the dataset root.
+    1..N in sorted file order; ``file_name`` is the path relative to the dataset root. The image
+    sizes come from the headers, read on rank 0 and cached in ``cache_dir`` (see data/headers.py).
     """
     data_yaml = Path(data_yaml)
     source = str(data_yaml)
@@ -177,20 +168,23 @@ def load_yolo(
         raise DatasetError(f"{source}: split {split!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
 
     errors = ErrorList()
-    images, annotations = [], []
+    usable: list[tuple[int, str]] = []
     for image_id, file_name in enumerate(rel_names, start=1):
         problem = check_image_file(root, root_real, file_name, f"{source}: {split}")
         if problem:
             errors.add(problem)
+        else:
+            usable.append((image_id, file_name))
+    paths = [str(root / file_name) for _, file_name in usable]
+    headers = read_headers(paths, cache_file(cache_dir, source, str(root)))
+    images, annotations = [], []
+    for (image_id, file_name), header in zip(usable, headers, strict=True):
+        if isinstance(header, str):
+            errors.add(header)
             continue
-        path = root / file_name
-        try:
-            width, height = header_size(path)
-        except DatasetError as exc:
-            errors.add(str(exc))
-            continue
+        width, height, _ = header
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for cls, bbox in _parse_labels(_label_path(path, source), width, height, len(names), errors):
+        for cls, bbox in _parse_labels(_label_path(root / file_name, source), width, height, len(names), errors):
             annotations.append(annotation_record(len(annotations) + 1, image_id, cls, bbox, 0))
     errors.raise_if_any()
     data = {

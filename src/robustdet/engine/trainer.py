@@ -205,6 +205,8 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
             num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            group_aspect_ratio=cfg.data.group_aspect_ratio,
         )
         self.log = RunLog(
             self.out_dir,
@@ -341,7 +343,10 @@ class Trainer:
         dev = self.device
         imgs = [img.to(dev, non_blocking=True).float().div_(255) for img in images]
         tgts = [
-            {"boxes": t["boxes"].as_subclass(torch.Tensor).to(dev).float(), "labels": t["labels"].to(dev)}
+            {
+                "boxes": t["boxes"].as_subclass(torch.Tensor).to(dev, non_blocking=True).float(),
+                "labels": t["labels"].to(dev, non_blocking=True),
+            }
             for t in targets
         ]
         skipped = [(str(p), str(why)) for t in targets for p, why in t.get("skipped", ())]
