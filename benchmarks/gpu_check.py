@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (a smoke run)")
     parser.add_argument("--num-classes", type=int, default=80)
     parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too (bf16 autocast by default)")
-    parser.add_argument("--budget-s", type=float, default=270.0, help="skip the rows left after this long")
+    parser.add_argument("--budget-s", type=float, default=220.0, help="skip the rows left after this long")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     args = parser.parse_args()
     if args.threads:
