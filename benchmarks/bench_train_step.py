@@ -36,8 +36,9 @@ from robustdet.models.backbones import build_backbone
 class Case:
     name: str
     batch: int
-    size: int
+    size: int  # image width (and height unless ``height`` is given)
     boxes_per_image: int
+    height: int | None = None
 
 
 CASES = (
@@ -70,7 +71,7 @@ def torchvision_twin(model: PerLevelRetinaNet, cfg: Config, num_classes: int) ->
         m.fpn_channels,
         anchors.num_anchors_per_location()[0],
         num_classes,
-        norm_layer=lambda c: torch.nn.GroupNorm(m.group_norm_groups, c),
+        norm_layer=(lambda c: torch.nn.GroupNorm(m.group_norm_groups, c)) if m.head_norm == "group_norm" else None,
     )
     tv = RetinaNet(
         build_backbone(m, "p3p7"),
@@ -89,11 +90,13 @@ def make_batch(
 ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     g = torch.Generator().manual_seed(0)
     images, targets = [], []
+    width, height = case.size, case.height or case.size
+    extent = torch.tensor([float(width), float(height)])
     for _ in range(case.batch):
-        images.append(torch.rand(3, case.size, case.size, generator=g).to(device))
+        images.append(torch.rand(3, height, width, generator=g).to(device))
         n = case.boxes_per_image
-        wh = case.size * (0.04 + 0.6 * torch.rand(n, 2, generator=g) ** 2)  # many small, a few large
-        xy = (case.size - wh) * torch.rand(n, 2, generator=g)
+        wh = min(width, height) * (0.04 + 0.6 * torch.rand(n, 2, generator=g) ** 2)  # many small, a few large
+        xy = (extent - wh) * torch.rand(n, 2, generator=g)
         boxes = torch.cat([xy, xy + wh], 1)
         targets.append(
             {

@@ -114,3 +114,16 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP copies them from rank 0 at the start of each training forward, so after the last forward each rank
+    holds its own update of them: without this, rank r > 0 would evaluate its share of the validation set
+    with statistics that differ from the checkpoint's (rank 0's).
+    """
+    if not is_distributed():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)

@@ -657,6 +657,7 @@ class Trainer:
 
     def _evaluate_inner(self, done: int, final: bool) -> dict[str, Any]:
         cfg = self.cfg
+        dist.broadcast_buffers(_unwrap(self.model))  # every rank evaluates the checkpointed model
         loader = build_eval_loader(
             self.val_set, cfg.eval.batch_size, cfg.data.num_workers, rank=self.rank, world_size=self.world,
             max_images=cfg.eval.max_images,
