@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-import robustdet.models.faster_rcnn as frcnn_module
+import robustdet.losses.task as task_module
 from robustdet.cli import main
 from robustdet.config import Config, config_from_dict, load_config
 from robustdet.models import DETECTORS, DetectorLosses, PerLevelFasterRCNN, build_model
@@ -229,7 +229,7 @@ def test_roi_levels_against_a_per_roi_reference() -> None:
     labels = [torch.randint(0, c1, (n,), generator=g) for n in sizes]
     targets = [torch.randn(n, 4, generator=g, dtype=torch.float64) for n in sizes]
     levels = torch.randint(0, 4, (num_rois,), generator=g)
-    cls, reg = model.roi_level_losses(logits, box_regression, labels, targets, levels)
+    cls, reg, _ = model.roi_level_losses(logits, box_regression, labels, targets, levels)
     flat_labels, flat_targets = torch.cat(labels), torch.cat(targets)
     ref_cls, ref_reg = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
     for r in range(num_rois):
@@ -356,9 +356,10 @@ def record_bayesian_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tup
 
         return wrapped
 
-    for name, attr in [("bce", "bayesian_binary_cross_entropy"), ("ce", "bayesian_cross_entropy"),
+    # the detectors reach the Bayesian losses through losses.task_loss (the BCE as Eq. 16 with γ = 0)
+    for name, attr in [("bce", "bayesian_focal_loss_and_plain"), ("ce", "bayesian_cross_entropy"),
                        ("sl1", "bayesian_smooth_l1_loss")]:
-        monkeypatch.setattr(frcnn_module, attr, recorder(name, getattr(frcnn_module, attr)))
+        monkeypatch.setattr(task_module, attr, recorder(name, getattr(task_module, attr)))
     return calls
 
 

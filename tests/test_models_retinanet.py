@@ -16,7 +16,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 
 from robustdet.config import Config, config_from_dict
-from robustdet.models import DetectorLosses, PerLevelRetinaNet, build_model
+from robustdet.models import DetectorLosses, FCOSConfig, PerLevelRetinaNet, build_model
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import build_backbone
 from robustdet.models.matching import batched_box_iou, match_anchors
@@ -453,13 +453,12 @@ def test_unimplemented_detector_is_named(monkeypatch: pytest.MonkeyPatch) -> Non
     # every name the config accepts is implemented now: take one out of the table to see the message
     monkeypatch.delitem(DETECTORS, "fcos")
     cfg = tiny_cfg()
-    cfg.model.name = "fcos"
     with pytest.raises(NotImplementedError, match=r"fcos.*available: .*retinanet"):
-        build_model(cfg, NUM_CLASSES)
+        build_model(cfg.model_copy(update={"model": FCOSConfig()}), NUM_CLASSES)
 
 
 def test_cpu_chunking_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import robustdet.models.retinanet as retinanet_module
+    import robustdet.models.dense as retinanet_module
 
     cfg = tiny_cfg(bayesian=True, box_loss="smooth_l1")
     model = build(cfg)

@@ -29,6 +29,7 @@ import yaml
 from scipy import stats
 
 from robustdet.config import ConfigError
+from robustdet.files import read_jsonl
 
 # Settings that cannot change what a run learns or scores (data order does not depend on the worker count,
 # evaluation saves and restores the random streams, docs/robustness.md): runs that differ only here are
@@ -426,21 +427,8 @@ def final_sigmas(record: dict[str, Any]) -> dict[str, float]:
 
 def last_log_record(path: Path) -> dict[str, Any]:
     """The last whole step record of a ``log.jsonl`` ({} when there is none)."""
-    last: dict[str, Any] = {}
-    if not path.exists():
-        return last
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by a kill
-            if "event" not in rec:
-                last = rec
-    return last
+    steps = [rec for rec in read_jsonl(path) if "event" not in rec]
+    return steps[-1] if steps else {}
 
 
 def _read_json(path: Path) -> Any:

@@ -33,6 +33,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file ([] when it does not exist), up to a line cut by a kill: a process
+    killed mid-write leaves a partial last line, and everything before it is whole."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any], *, mode: int = 0o644) -> Path:
     """Call ``write`` on a temporary file beside ``path``, flush and fsync it, then rename it over ``path``.
 
@@ -70,4 +89,4 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> 
     return write_text_atomic(path, text)
 
 
-__all__ = ["CheckpointError", "fsync_dir", "write_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["CheckpointError", "fsync_dir", "read_jsonl", "write_atomic", "write_json_atomic", "write_text_atomic"]

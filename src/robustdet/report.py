@@ -13,18 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from robustdet.engine.evaluator import METRIC_NAMES
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
-    return out
+from robustdet.files import read_jsonl
 
 
 def _series_plot(
@@ -155,7 +144,10 @@ def make_report(run_dir: str | Path) -> list[Path]:
         # losses outside the weighting (Faster R-CNN's RPN by anchor level; Luo et al. omit the RPN)
         extra = {f"{key} {lvl}": [r[key][k] for r in records] for key in extra_keys
                  for k, lvl in enumerate(extra_names)}
-        files.append(_series_plot(out / "extra_losses.png", iters, extra,
+        # named after the part the keys share (Faster R-CNN: rpn_cls, rpn_reg -> rpn_losses.png)
+        stems = {k.split("_", 1)[0] for k in extra_keys}
+        name = f"{stems.pop()}_losses.png" if len(stems) == 1 else "extra_losses.png"
+        files.append(_series_plot(out / name, iters, extra,
                                   "losses outside the weighting, per level (unweighted)", "loss", logy=True))
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():

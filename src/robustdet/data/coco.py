@@ -13,7 +13,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, ClassVar, Literal
 
@@ -103,9 +103,12 @@ def _require_list(data: dict[str, Any], key: str, source: str) -> list[Any]:
     return value
 
 
-def _records(items: list[Any], kind: str, source: str, errors: ErrorList) -> Iterator[tuple[str, int, dict[str, Any]]]:
+def _records(
+    items: list[Any], kind: str, source: str, errors: ErrorList, describe: Callable[[dict[str, Any]], str]
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """``(where, id, record)`` of each entry of ``items`` (the json's ``kind`` list) that is an object with
-    an integer ``id``; the others, and duplicate ids, are added to ``errors``."""
+    an integer ``id``; the others, and duplicate ids, are added to ``errors``. ``where`` names the entry by
+    its index plus ``describe(entry)`` (e.g. its id and file name)."""
     seen: set[int] = set()
     for i, item in enumerate(items):
         where = f"{source}: {kind}[{i}]"
@@ -116,6 +119,7 @@ def _records(items: list[Any], kind: str, source: str, errors: ErrorList) -> Ite
         if not is_int(rid):
             errors.add(f"{where}: 'id' must be an integer, got {rid!r}")
             continue
+        where += describe(item)
         if rid in seen:
             errors.add(f"{where}: duplicate {kind.removesuffix('s').replace('categorie', 'category')} id {rid}")
         seen.add(rid)
@@ -192,20 +196,23 @@ def validate_coco(data: Any, source: str, image_root: Path, check_files: bool = 
     files = (image_root, check_image_root(image_root, source)) if check_files else None
 
     categories: list[dict[str, Any]] = []
-    for where, _, cat in _records(cats_in, "categories", source, errors):
+    for where, _, cat in _records(cats_in, "categories", source, errors, lambda c: ""):
         _check_category(cat, where, errors)
         categories.append(dict(cat))
     if not cats_in:
         errors.add(f"{source}: 'categories' is empty; a detection dataset needs at least one class")
     images: list[dict[str, Any]] = []
-    for where, iid, img in _records(images_in, "images", source, errors):
-        _check_image(img, f"{where} (id {iid}, {img.get('file_name')!r})", files, errors)
+    def image_name(img: dict[str, Any]) -> str:
+        return f" (id {img['id']}, {img.get('file_name')!r})"
+
+    for where, _, img in _records(images_in, "images", source, errors, image_name):
+        _check_image(img, where, files, errors)
         images.append(dict(img))
     cat_ids = {c["id"] for c in categories}
     image_ids = {i["id"] for i in images}
     annotations: list[dict[str, Any]] = []
-    for where, aid, ann in _records(anns_in, "annotations", source, errors):
-        checked = _check_annotation(ann, f"{where} (id {aid})", image_ids, cat_ids, errors)
+    for where, _, ann in _records(anns_in, "annotations", source, errors, lambda a: f" (id {a['id']})"):
+        checked = _check_annotation(ann, where, image_ids, cat_ids, errors)
         if checked is not None:
             annotations.append(checked)
 

@@ -10,25 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from robustdet.files import write_json_atomic, write_text_atomic
+from robustdet.files import read_jsonl, write_json_atomic, write_text_atomic
 
 
 def _truncate_jsonl(path: Path, keep_through_iter: int) -> None:
     if not path.exists():
         return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by the kill: everything before it is whole
-            if int(rec.get("iter", 0)) <= keep_through_iter:
-                kept.append(line)
-    write_text_atomic(path, "".join(k + "\n" for k in kept))
+    kept = [rec for rec in read_jsonl(path) if int(rec.get("iter", 0)) <= keep_through_iter]
+    write_text_atomic(path, "".join(json.dumps(rec) + "\n" for rec in kept))
 
 
 class RunLog:

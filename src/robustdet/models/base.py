@@ -59,6 +59,15 @@ class ModelSection(Section):
     nms_thresh: float = Field(0.5, gt=0, le=1)
     detections_per_img: int = Field(100, ge=1)
 
+    def transform_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of torchvision's ``GeneralizedRCNNTransform`` every detector passes on."""
+        return {
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+
     @model_validator(mode="after")
     def _check_common(self) -> ModelSection:
         if self.max_size < self.min_size:
@@ -207,7 +216,24 @@ class Detector(abc.ABC):
             fields[f"sigma/{task}"] = math.exp(0.5 * s) if math.isfinite(s) else s
         return fields
 
-    # --- input checks shared by every detector ---------------------------------------------------
+    # --- input handling shared by every detector ------------------------------------------------
+
+    def _transform_inputs(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None
+    ) -> tuple[Any, list[dict[str, Tensor]] | None, list[tuple[int, int]]]:
+        """torchvision's transform (resize, normalise, pad) with the input checks: (image_list, resized
+        targets or None in eval, original sizes). In training the targets are checked before resizing
+        (shapes and dtypes) and after it (boxes with positive size, labels 0..C-1)."""
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode")
+            self._check_target_shapes(targets, len(images))
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, targets = self.transform(images, targets if self.training else None)  # type: ignore[attr-defined]
+        if self.training:
+            assert targets is not None
+            self._check_boxes(targets)
+        return image_list, targets, original_sizes
 
     def _check_target_shapes(self, targets: list[dict[str, Tensor]], num_images: int) -> None:
         if len(targets) != num_images:

@@ -27,7 +27,12 @@ def build_detector(section: Any, loss: LossConfig, num_classes: int) -> Detector
     """The detector ``section.name`` for ``num_classes`` classes (labels 0..C-1, no background class)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    detector = DETECTORS[section.name].from_config(section, loss, num_classes)
+    cls = DETECTORS.get(section.name)
+    if cls is None:
+        raise NotImplementedError(
+            f"model.name={section.name!r} is not implemented; available: {', '.join(sorted(DETECTORS))}"
+        )
+    detector = cls.from_config(section, loss, num_classes)
     as_module(detector)
     return detector
 

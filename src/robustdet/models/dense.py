@@ -44,12 +44,7 @@ class DenseDetector(Detector):
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> DetectorLosses | list[dict[str, Tensor]]:
         """Training (targets needed): ``DetectorLosses``. Eval: per image ``{boxes, scores, labels}``."""
-        if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
-            self._check_target_shapes(targets, len(images))
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        image_list, targets = self.transform(images, targets if self.training else None)
+        image_list, targets, original_sizes = self._transform_inputs(images, targets)
         features = self.backbone(image_list.tensors)
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
@@ -58,7 +53,6 @@ class DenseDetector(Detector):
         anchors, counts = self.batch_anchors(image_list, feature_list)
         if self.training:
             assert targets is not None
-            self._check_boxes(targets)
             return self.compute_level_losses(targets, head_outputs, anchors, counts)
         return self._detect(head_outputs, anchors, counts, image_list.image_sizes, original_sizes)
 

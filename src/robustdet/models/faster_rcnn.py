@@ -171,10 +171,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
             log_variances=cls.build_log_variances(loss),
             rpn_batch_size_per_image=m.rpn_batch_size_per_image,
             box_batch_size_per_image=m.box_batch_size_per_image,
-            min_size=m.min_size,
-            max_size=m.max_size,
-            image_mean=list(m.image_mean),
-            image_std=list(m.image_std),
+            **m.transform_kwargs(),
             rpn_anchor_generator=anchor_generator,
             rpn_head=rpn_head,
             box_roi_pool=roi_pool,
@@ -191,15 +188,9 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> DetectorLosses | list[dict[str, Tensor]]:
         """Training (targets needed): ``DetectorLosses``. Eval: per image ``{boxes, scores, labels}``."""
-        if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
-            self._check_target_shapes(targets, len(images))
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        image_list, targets = self.transform(images, targets if self.training else None)
-        if self.training:
-            assert targets is not None
-            self._check_boxes(targets)  # labels still 0..C-1 here, so the messages speak the user's labels
+        # checked with labels still 0..C-1, so the messages speak the user's labels
+        image_list, targets, original_sizes = self._transform_inputs(images, targets)
+        if targets is not None:
             targets = [{**t, "labels": t["labels"] + 1} for t in targets]
         features = self.backbone(image_list.tensors)
         if isinstance(features, Tensor):
