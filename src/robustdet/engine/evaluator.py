@@ -61,16 +61,16 @@ def to_coco_results(
     counts = [len(det["scores"]) for det in detections]
     if sum(counts) == 0:
         return []
-    boxes = torch.cat([det["boxes"].detach().float().cpu().reshape(-1, 4) for det in detections])
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
-    # float32 values times 1000 are exact in float64, so numpy's rint(x * 1000) / 1000 is exactly
-    # Python's round(x, 3) (both round the exact value half to even, then divide correctly rounded)
-    bbox = np.round(xywh.double().numpy(), 3).tolist()
-    scores = torch.cat([det["scores"].detach().float().cpu() for det in detections]).tolist()
-    labels = torch.cat([det["labels"].detach().cpu() for det in detections])
-    cats = torch.as_tensor(category_ids)[labels].tolist()
-    images = np.repeat(np.asarray(image_ids, dtype=np.int64), counts).tolist()
-    with _gc_paused():
+    with _gc_paused():  # tolist() and the records below are ~10^5 small containers
+        boxes = torch.cat([det["boxes"].detach().float().cpu().reshape(-1, 4) for det in detections])
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+        # float32 values times 1000 are exact in float64, so numpy's rint(x * 1000) / 1000 is exactly
+        # Python's round(x, 3) (both round the exact value half to even, then divide correctly rounded)
+        bbox = np.round(xywh.double().numpy(), 3).tolist()
+        scores = torch.cat([det["scores"].detach().float().cpu() for det in detections]).tolist()
+        labels = torch.cat([det["labels"].detach().cpu() for det in detections])
+        cats = torch.as_tensor(category_ids)[labels].tolist()
+        images = np.repeat(np.asarray(image_ids, dtype=np.int64), counts).tolist()
         return [
             {"image_id": i, "category_id": c, "bbox": b, "score": s}
             for i, c, b, s in zip(images, cats, bbox, scores, strict=True)
