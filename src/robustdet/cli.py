@@ -50,7 +50,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"({loaded.classes[:3]}... vs {dataset.classes[:3]}...)"
         )
     loader = build_eval_loader(dataset, cfg.eval.batch_size, cfg.data.num_workers, max_images=cfg.eval.max_images)
-    metrics = evaluate(loaded.model, loader, dataset, loaded.device)
+    metrics = evaluate(loaded.model, loader, dataset, loaded.device, backend=cfg.eval.backend)
     metrics["iter"] = loaded.iteration
     print(format_metrics(metrics))
     if args.out:

@@ -10,6 +10,7 @@ parsed as YAML scalars) before validation, so an override gets the same checks a
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,10 +81,23 @@ class TrainConfig(Section):
         return self
 
 
+def installed_eval_backend() -> Literal["faster", "pycocotools"]:
+    """The default COCOeval: faster-coco-eval (same numbers, C++ matching) when it is installed."""
+    return "faster" if importlib.util.find_spec("faster_coco_eval") is not None else "pycocotools"
+
+
 class EvalConfig(Section):
     period: int = Field(0, ge=0)  # 0: only at the end
     batch_size: int = Field(4, ge=1)
     max_images: int | None = Field(None, ge=1)
+    backend: Literal["faster", "pycocotools"] = Field(default_factory=installed_eval_backend)
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> EvalConfig:
+        # at load time, not after a whole training run when the final evaluation starts
+        if self.backend == "faster" and installed_eval_backend() != "faster":
+            raise ValueError("eval.backend=faster needs the faster-coco-eval package; or set eval.backend=pycocotools")
+        return self
 
 
 class CheckpointConfig(Section):

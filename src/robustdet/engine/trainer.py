@@ -662,7 +662,9 @@ class Trainer:
             self.val_set, cfg.eval.batch_size, cfg.data.num_workers, rank=self.rank, world_size=self.world,
             max_images=cfg.eval.max_images,
         )
-        metrics = evaluate(_unwrap(self.model), loader, self.val_set, self.device, self.autocast_dtype)
+        metrics = evaluate(
+            _unwrap(self.model), loader, self.val_set, self.device, self.autocast_dtype, backend=cfg.eval.backend
+        )
         metrics["iter"] = done
         assert self.log is not None
         self.log.metrics(done, metrics, final=final)
