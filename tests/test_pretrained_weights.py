@@ -20,10 +20,10 @@ from torchvision.models import detection as tvd
 from torchvision.ops import FrozenBatchNorm2d
 
 from robustdet.cli import main as cli_main
-from robustdet.config import Config, ModelConfig, load_config
+from robustdet.config import Config, load_config
 from robustdet.engine.checkpoint import CheckpointError
 from robustdet.engine.trainer import Trainer
-from robustdet.models import build_model
+from robustdet.models import RetinaNetConfig, build_model
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.weights import load_detector_weights
 from tests.conftest import REPO, tiny_overrides
@@ -77,7 +77,7 @@ SMALL = ["model.backbone=resnet18", "model.fpn_channels=16", "model.head_norm=no
 # robustdet's RetinaNet anchors keep 32 · 2^(1/3) = 40.32 where torchvision's _default_anchorgen truncates
 # to 40 (docs/models.md): the torchvision reference gets robustdet's generator, so that the comparison is
 # of the weights alone. FCOS's points and Faster R-CNN's single-scale anchors are the same in both.
-_M = ModelConfig()
+_M = RetinaNetConfig()
 # name -> (torchvision constructor, its anchor and post-processing kwargs, robustdet overrides matching it)
 DETECTORS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any], list[str]]] = {
     "retinanet": (

@@ -63,6 +63,17 @@ class DataConfig(Section):
     # and exact resume stay (data/loader.py, AspectRatioBatchSampler).
     group_aspect_ratio: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_format(cls, data: Any) -> Any:
+        """A ``train`` / ``val`` mapping without ``format`` is the built-in synthetic data (the default)."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for split in ("train", "val"):
+                if isinstance(data.get(split), dict) and "format" not in data[split]:
+                    data[split] = {"format": "synthetic", **data[split]}
+        return data
+
     @model_validator(mode="after")
     def _check_noise(self) -> DataConfig:
         if self.val.label_noise is not None:
