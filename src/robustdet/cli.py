@@ -77,7 +77,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from robustdet.engine.export import export_model
 
     out = export_model(
-        args.checkpoint, args.format, args.out, dynamic=args.dynamic, size=args.size, overrides=args.overrides
+        args.checkpoint,
+        args.format,
+        args.out,
+        dynamic=args.dynamic,
+        size=tuple(args.size) if args.size else None,
+        overrides=args.overrides,
     )
     print(f"wrote {out} ({args.format}, {'dynamic' if args.dynamic else 'fixed'} size; see docs/export.md)")
     return 0

@@ -58,7 +58,9 @@ class ExportableDetector(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model = model
+        # eval for good: torch.onnx.export restores the wrapper's mode, recursively, when it is done
+        self.eval()
         self._forward = _torchvision_detector(model).forward
         # two-stage torchvision detectors count background as class 0 (robustdet's Faster R-CNN shifts
         # its labels back in its own forward, which the trace does not run)
@@ -116,7 +118,7 @@ def export_model(
     min_size = loaded.cfg.model.min_size
     h, w = size or (min_size, min_size)
     set_up(model, min_size)
-    wrapper = ExportableDetector(model).eval()
+    wrapper = ExportableDetector(model)
     image = example_image((h, w))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +126,11 @@ def export_model(
         # torchvision's detection code knowingly reads a few shapes as Python values under tracing
         # (constants that do not depend on the input size); its TracerWarnings are expected
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # torchvision's transform rescales boxes with torch.tensor(size) on traced sizes, and the ONNX
+        # exporter warns that advanced indexing with negative indices would be wrong: torchvision's
+        # indices come from where/topk/nms, never negative (tests/test_export.py checks the outputs)
+        warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
+        warnings.filterwarnings("ignore", "Exporting aten::index operator of advanced indexing", UserWarning)
         if fmt == "torchscript":
             traced = torch.jit.trace(wrapper, (image,), check_trace=False)
             traced.save(str(out))
