@@ -11,7 +11,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]' $(TORCH)
+	$(PY) -m pip install -q -e '.[test,export]' $(TORCH)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,4 +1,5 @@
-"""The ``robustdet`` command line: train, sweep, eval, predict, convert, noise, report, compare, plot-losses.
+"""The ``robustdet`` command line: train, sweep, eval, predict, export, convert, noise, report, compare,
+plot-losses.
 
 Known errors (bad config, bad dataset, bad checkpoint, missing file, a diverged run, a lost rank) end
 with one line naming the file, image or key, and exit code 2; ``--debug`` shows the traceback instead.
@@ -70,6 +71,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     records = predict(loaded, paths, Path(args.out), score_thresh=args.score_thresh)
     for r in records:
         print(f"{r['image']}: {len(r['detections'])} detections -> {r['output']}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from robustdet.engine.export import export_model
+
+    out = export_model(
+        args.checkpoint,
+        args.format,
+        args.out,
+        dynamic=args.dynamic,
+        size=tuple(args.size) if args.size else None,
+        overrides=args.overrides,
+    )
+    print(f"wrote {out} ({args.format}, {'dynamic' if args.dynamic else 'fixed'} size; see docs/export.md)")
     return 0
 
 
@@ -192,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.set_defaults(func=_cmd_predict)
 
+    p = sub.add_parser("export", help="export a checkpoint's detector (pre- and post-processing included)")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.score_thresh=0.3")
+    p.add_argument("--format", required=True, metavar="{onnx,torchscript}")
+    p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx or model.pt")
+    p.add_argument("--dynamic", action="store_true", help="ONNX: any input height and width (default: --size only)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: model.min_size square)")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("convert", help="convert a YOLO or Pascal VOC dataset split to COCO json")
     p.add_argument("--format", required=True, choices=["yolo", "voc"])
     p.add_argument("--path", required=True, help="YOLO data.yaml, or the VOC20xx folder")
@@ -231,9 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from robustdet.data import DatasetError
     from robustdet.engine.checkpoint import CheckpointError
+    from robustdet.engine.export import ExportError
     from robustdet.engine.trainer import DistributedFailure, TrainingDiverged
 
-    return (ConfigError, DatasetError, CheckpointError, TrainingDiverged, DistributedFailure, FileNotFoundError)
+    return (
+        ConfigError, DatasetError, CheckpointError, TrainingDiverged, DistributedFailure, FileNotFoundError, ExportError
+    )
 
 
 def _message(exc: BaseException) -> str:

@@ -32,6 +32,7 @@ background, so labels go in shifted by +1 and detections come out shifted back b
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from functools import partial
 from typing import ClassVar, Literal
@@ -43,10 +44,11 @@ from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCH
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import initLevelMapper
 
 from robustdet.losses import LogVariances, LossConfig, task_loss
 from robustdet.models.anchors import build_anchor_generator
-from robustdet.models.backbones import build_backbone, level_names
+from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, check_per_level, loss_dtype
 
 # torchvision's FasterRCNN: 7x7 RoIAlign with 2 samples per bin from P2-P5, a 1024-wide box head
@@ -153,6 +155,15 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         rpn_head = RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
         roi_pool = MultiScaleRoIAlign(
             ROI_FEATURE_MAPS, ROI_OUTPUT_SIZE, ROI_SAMPLING_RATIO, canonical_scale=canonical_scale(m.anchor_sizes)
+        )
+        # torchvision's pooler infers the levels' scales on its first call from the largest unpadded image
+        # size, which on small images (43 px padded to 64) comes out a factor 2 off and then sticks for
+        # every later batch; the pyramid's strides are known, so the scales are set here
+        strides = PYRAMIDS[PYRAMID].strides[: len(ROI_FEATURE_MAPS)]
+        roi_pool.scales = [1.0 / s for s in strides]
+        roi_pool.map_levels = initLevelMapper(
+            int(math.log2(strides[0])), int(math.log2(strides[-1])), canonical_scale=roi_pool.canonical_scale,
+            canonical_level=roi_pool.canonical_level,
         )
         box_head: nn.Module
         if m.head_norm == "group_norm":
@@ -276,8 +287,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
     def roi_levels(self, proposals: list[Tensor]) -> Tensor:
         """The pyramid level (0 = P2 .. 3 = P5) each RoI is pooled from: the pooler's own ``LevelMapper``.
 
-        The pooler sets its mapper up on its first call (from the feature-map strides), so this is only
-        valid after a pass through ``box_roi_pool``, which ``_box_outputs`` makes.
+        The mapper is set up from the pyramid's strides when the model is built (``from_config``).
         """
         mapper = self.roi_heads.box_roi_pool.map_levels
         if mapper is None:
