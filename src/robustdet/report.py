@@ -157,6 +157,13 @@ def make_report(run_dir: str | Path) -> list[Path]:
                  for k, lvl in enumerate(extra_names)}
         files.append(_series_plot(out / "extra_losses.png", iters, extra,
                                   "losses outside the weighting, per level (unweighted)", "loss", logy=True))
+    from robustdet.plots.detection_plots import detection_report
+
+    # PR curves, confusion matrix, AP against iteration (eval.jsonl, detections.json, data.val)
+    detection_files, notes = detection_report(run_dir, out)
+    files.extend(detection_files)
+    for note in notes:
+        print(f"robustdet report: note: {note}")
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())

@@ -70,8 +70,12 @@ def evaluate(
     dataset: Any,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    keep_results: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run ``model`` over ``loader`` (this rank's shard) and COCO-evaluate all ranks' detections."""
+    """Run ``model`` over ``loader`` (this rank's shard) and COCO-evaluate all ranks' detections.
+
+    ``keep_results``: a list that receives all ranks' COCO result records on the main rank (for
+    ``detections.json``)."""
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
@@ -93,6 +97,8 @@ def evaluate(
     if dist.is_main():
         all_results = [r for part, _ in gathered for r in part]
         all_ids = sorted({i for _, ids in gathered for i in ids})
+        if keep_results is not None:
+            keep_results.extend(all_results)
         metrics = coco_evaluate(dataset.coco, all_results, all_ids)
     return dist.broadcast_object(metrics)
 
