@@ -40,9 +40,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from robustdet.data import build_dataset, build_eval_loader
     from robustdet.engine.evaluator import evaluate, format_metrics
-    from robustdet.engine.inference import load_trained
+    from robustdet.engine.inference import load_trained, per_class_table
 
-    loaded = load_trained(args.checkpoint, args.overrides)
+    overrides = [*args.overrides, *(f"data.{item}" for item in args.data)]
+    loaded = load_trained(args.checkpoint, overrides)
     cfg = loaded.cfg
     dataset = build_dataset(cfg.data.val, cfg.data, train=False)
     if dataset.classes != loaded.classes:
@@ -51,26 +52,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"({loaded.classes[:3]}... vs {dataset.classes[:3]}...)"
         )
     loader = build_eval_loader(dataset, cfg.eval.batch_size, cfg.data.num_workers, max_images=cfg.eval.max_images)
-    metrics = evaluate(loaded.model, loader, dataset, loaded.device, backend=cfg.eval.backend)
+    results: list[dict] = []
+    metrics = evaluate(loaded.model, loader, dataset, loaded.device, keep_results=results, backend=cfg.eval.backend)
     metrics["iter"] = loaded.iteration
     print(format_metrics(metrics))
+    print(per_class_table(metrics, dataset.coco, dataset.image_ids[: cfg.eval.max_images]))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"metrics written to {args.out}")
+    if args.save_json:
+        from robustdet.files import write_json_atomic
+
+        path = Path(args.save_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, results, indent=None)
+        print(f"{len(results)} detections (COCO results) written to {path}")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from robustdet.engine.inference import load_trained, predict
+    from robustdet.engine.inference import class_filter, collect_images, image_ids_from, load_trained, predict
 
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch}: must be at least 1")
     loaded = load_trained(args.checkpoint)
-    paths = [Path(p) for p in args.images]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such image file")
-    records = predict(loaded, paths, Path(args.out), score_thresh=args.score_thresh)
+    paths, root = collect_images(args.images)
+    classes = None
+    if args.classes:
+        wanted = [c.strip() for item in args.classes for c in item.split(",") if c.strip()]
+        classes = class_filter(loaded, wanted, "--classes")
+    ids = image_ids_from(Path(args.image_ids), paths) if args.image_ids else None
+    out = Path(args.out)
+    records, coco = predict(loaded, paths, out, score_thresh=args.score_thresh, batch_size=args.batch,
+                            root=root, classes=classes, image_ids=ids)
     for r in records:
         print(f"{r['image']}: {len(r['detections'])} detections -> {r['output']}")
+    if args.save_json:
+        from robustdet.files import write_json_atomic
+
+        write_json_atomic(out / "detections.json", coco, indent=None)
+        print(f"{len(coco)} detections (COCO results) written to {out / 'detections.json'}")
     return 0
 
 
@@ -195,17 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the cells and iterations; train nothing")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("eval", help="COCO-evaluate a checkpoint on its config's data.val")
+    p = sub.add_parser("eval", help="COCO-evaluate a checkpoint on its config's data.val (or another dataset)")
     p.add_argument("checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.val.path=other.json")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.val.path=other.json eval.max_images=50")
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                   help="a data-section override (repeatable): --data val.format=coco --data val.path=x.json")
     p.add_argument("--out", help="write the metrics json here")
+    p.add_argument("--save-json", metavar="FILE", help="write the detections as COCO results (e.g. detections.json)")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("predict", help="draw a checkpoint's detections on images")
+    p = sub.add_parser("predict", help="draw a checkpoint's detections on images, folders or globs")
     p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--out", required=True, help="folder for the drawn images and predictions.json")
+    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or globs ('imgs/**/*.jpg')")
+    p.add_argument("--out", required=True, help="folder for the drawn images (the inputs' tree) and predictions.json")
     p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass")
+    p.add_argument("--classes", action="append", metavar="NAMES_OR_IDS",
+                   help="keep only these classes: names or dataset category ids, comma-separated or repeated")
+    p.add_argument("--save-json", action="store_true", help="also write OUT/detections.json (COCO results)")
+    p.add_argument("--image-ids", metavar="COCO_JSON",
+                   help="take image_id from this COCO json's images (by file_name); default: a numeric file stem")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="export a checkpoint's detector (pre- and post-processing included)")

@@ -149,6 +149,13 @@ def make_report(run_dir: str | Path) -> list[Path]:
         name = f"{stems.pop()}_losses.png" if len(stems) == 1 else "extra_losses.png"
         files.append(_series_plot(out / name, iters, extra,
                                   "losses outside the weighting, per level (unweighted)", "loss", logy=True))
+    from robustdet.plots.detection_plots import detection_report
+
+    # PR curves, confusion matrix, AP against iteration (eval.jsonl, detections.json, data.val)
+    detection_files, notes = detection_report(run_dir, out)
+    files.extend(detection_files)
+    for note in notes:
+        print(f"robustdet report: note: {note}")
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())

@@ -144,10 +144,13 @@ def evaluate(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     backend: EvalBackend | None = None,
+    keep_results: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run ``model`` over ``loader`` (this rank's shard) and COCO-evaluate all ranks' detections.
 
     ``backend``: ``eval.backend`` (None: faster-coco-eval when installed, else pycocotools).
+    ``keep_results``: a list that receives all ranks' COCO result records on the main rank (for
+    ``detections.json``).
     """
     was_training = model.training
     model.eval()
@@ -170,6 +173,8 @@ def evaluate(
     if dist.is_main():
         all_results = [r for part, _ in gathered for r in part]
         all_ids = sorted({i for _, ids in gathered for i in ids})
+        if keep_results is not None:
+            keep_results.extend(all_results)
         metrics = coco_evaluate(dataset.coco, all_results, all_ids, backend)
     return dist.broadcast_object(metrics)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,8 +14,9 @@ import torch
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
-from robustdet.config import Config, config_from_stored
+from robustdet.config import Config, ConfigError, config_from_stored
 from robustdet.data import read_image
+from robustdet.data.yolo import IMAGE_SUFFIXES
 from robustdet.engine.checkpoint import CheckpointError, load_checkpoint
 from robustdet.engine.trainer import resolve_device
 from robustdet.models import build_model
@@ -48,31 +52,168 @@ def load_trained(checkpoint: str | Path, overrides: list[str] | None = None) -> 
     return LoadedModel(model, cfg, classes, list(state["category_ids"]), int(state["iteration"]), device)
 
 
+def per_class_table(metrics: dict[str, Any], coco_gt: Any, image_ids: list[int]) -> str:
+    """The per-class AP (``metrics["per_class"]``, COCO AP@[.5:.95] in percent) with each class's number of
+    images and boxes (crowd boxes left out, as COCO matches them to nothing) on the evaluated images."""
+    images: Counter[int] = Counter()
+    boxes: Counter[int] = Counter()
+    for image_id in image_ids:
+        anns = [a for a in coco_gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        boxes.update(int(a["category_id"]) for a in anns)
+        images.update({int(a["category_id"]) for a in anns})
+    ids = {c["name"]: int(c["id"]) for c in coco_gt.dataset["categories"]}
+    width = max([5, *(len(n) for n in metrics["per_class"])])
+    lines = [f"{'class':<{width}} {'images':>7} {'boxes':>7} {'AP':>6}"]
+    for name, ap in metrics["per_class"].items():
+        cat = ids.get(name, -1)
+        lines.append(f"{name:<{width}} {images[cat]:>7} {boxes[cat]:>7} {ap:6.1f}")
+    return "\n".join(lines)
+
+
+def collect_images(inputs: list[str]) -> tuple[list[Path], Path]:
+    """The image files that ``inputs`` name, and their common parent folder.
+
+    An input is a file (taken whatever its suffix), a folder (its images at any depth, by the YOLO image
+    suffixes) or a glob (``glob.glob`` with ``**``; only image suffixes). Order: the inputs' order, a
+    folder's or a glob's files sorted; a file named twice is taken once. Nothing found for an input is a
+    FileNotFoundError naming it.
+    """
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"{item}: no images in the folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        elif glob.has_magic(item):
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True)
+                           if Path(p).suffix.lower() in IMAGE_SUFFIXES and Path(p).is_file())
+            if not found:
+                raise FileNotFoundError(f"{item}: the pattern matches no image files")
+        else:
+            raise FileNotFoundError(f"{item}: no such image file, folder or pattern")
+        paths.extend(found)
+    unique = list(dict.fromkeys(Path(os.path.abspath(p)) for p in paths))
+    return unique, Path(os.path.commonpath([p.parent for p in unique]))
+
+
+def output_names(paths: list[Path], root: Path) -> list[Path]:
+    """Each image's drawn PNG, relative to the output folder: its path under ``root`` with ``.png`` for its
+    suffix (``a/1.jpg`` -> ``a/1.png``), or with ``.png`` appended where two images would share a name
+    (``a/1.jpg`` and ``a/1.png`` -> ``a/1.jpg.png``, ``a/1.png.png``)."""
+    rel = [p.relative_to(root) for p in paths]
+    plain = [r.with_suffix(".png") for r in rel]
+    taken = Counter(plain)
+    return [q if taken[q] == 1 else r.with_name(r.name + ".png") for r, q in zip(rel, plain, strict=True)]
+
+
+def class_filter(loaded: LoadedModel, wanted: list[str], where: str) -> set[int]:
+    """The model's labels (0..C-1) of ``wanted`` class names or dataset category ids."""
+    labels = set()
+    for item in wanted:
+        if item in loaded.classes:
+            labels.add(loaded.classes.index(item))
+        elif item.lstrip("-").isdigit() and int(item) in loaded.category_ids:
+            labels.add(loaded.category_ids.index(int(item)))
+        else:
+            shown = ", ".join(f"{c} ({n})" for c, n in zip(loaded.category_ids[:5], loaded.classes[:5], strict=True))
+            raise ConfigError(f"{where}: {item!r} is not a class name or category id of the model ({shown}, ...)")
+    return labels
+
+
+def image_ids_from(coco_json: Path, paths: list[Path]) -> list[int]:
+    """The ``images[].id`` of each path in a COCO json, matched by ``file_name`` (the path's last parts)."""
+    if not Path(coco_json).is_file():
+        raise FileNotFoundError(f"{coco_json}: no such COCO json")
+    try:
+        images = json.loads(Path(coco_json).read_text())["images"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{coco_json}: not a COCO json with an 'images' list ({exc})") from None
+    by_name: dict[str, list[tuple[tuple[str, ...], int]]] = {}
+    for img in images:
+        parts = Path(img["file_name"]).parts
+        by_name.setdefault(parts[-1], []).append((parts, int(img["id"])))
+    ids = []
+    for path in paths:
+        hits = [i for parts, i in by_name.get(path.name, []) if path.parts[-len(parts):] == parts]
+        if len(hits) != 1:
+            what = "no image entry" if not hits else f"{len(hits)} image entries"
+            raise ConfigError(f"{coco_json}: {what} for {path}")
+        ids.append(hits[0])
+    return ids
+
+
+def coco_image_id(path: Path) -> int | None:
+    """COCO's own file names are the image id (``000000000139.jpg`` -> 139), as Ultralytics reads them."""
+    return int(path.stem) if path.stem.isdigit() else None
+
+
 @torch.no_grad()
 def predict(
-    loaded: LoadedModel, image_paths: list[Path], out_dir: Path, score_thresh: float = 0.3
-) -> list[dict[str, Any]]:
-    """Detect on each image; write ``<stem>.png`` with boxes drawn and ``predictions.json``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    for path in image_paths:
-        img = read_image(str(path))  # the datasets' reader: Pillow for BMP/TIFF, DatasetError naming the file
-        det = loaded.model([img.to(loaded.device).float().div(255)])[0]
-        keep = det["scores"] >= score_thresh
-        boxes, scores, labels = (det[k][keep].cpu() for k in ("boxes", "scores", "labels"))
-        names = [f"{loaded.classes[int(lbl)]} {float(s):.2f}" for lbl, s in zip(labels, scores, strict=True)]
-        drawn = draw_bounding_boxes(img, boxes, labels=names, colors="red", width=2) if len(boxes) else img
-        out_png = out_dir / f"{path.stem}.png"
-        write_png(drawn, str(out_png))
-        records.append(
-            {
+    loaded: LoadedModel,
+    image_paths: list[Path],
+    out_dir: Path,
+    score_thresh: float = 0.3,
+    batch_size: int = 1,
+    root: Path | None = None,
+    classes: set[int] | None = None,
+    image_ids: list[int | None] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Detect on the images, ``batch_size`` at a time; write the drawn PNGs under ``out_dir`` mirroring the
+    images' tree below ``root`` (default: their common parent), and ``predictions.json``.
+
+    Returns the per-image records and the COCO result records (``image_id`` where known, ``file_name`` the
+    path below ``root``, the dataset's ``category_id``, XYWH ``bbox``, ``score``); ``classes`` keeps only
+    those labels (0..C-1).
+    """
+    if root is None:
+        root = Path(os.path.commonpath([p.parent for p in image_paths]))
+    names_out = output_names(image_paths, root)
+    ids = image_ids if image_ids is not None else [coco_image_id(p) for p in image_paths]
+    palette = [tuple(int(255 * c) for c in rgb[:3]) for rgb in plt_colors()]
+    records: list[dict[str, Any]] = []
+    coco: list[dict[str, Any]] = []
+    for start in range(0, len(image_paths), batch_size):
+        chunk = image_paths[start:start + batch_size]
+        images = [read_image(str(p)) for p in chunk]  # Pillow for BMP/TIFF, DatasetError naming the file
+        dets = loaded.model([img.to(loaded.device).float().div(255) for img in images])
+        for k, (path, img, det) in enumerate(zip(chunk, images, dets, strict=True)):
+            index = start + k
+            keep = det["scores"] >= score_thresh
+            if classes is not None:
+                keep &= torch.isin(det["labels"], torch.as_tensor(sorted(classes), device=det["labels"].device))
+            boxes, scores, labels = (det[key][keep].cpu() for key in ("boxes", "scores", "labels"))
+            text = [f"{loaded.classes[int(lbl)]} {float(s):.2f}" for lbl, s in zip(labels, scores, strict=True)]
+            colors = [palette[int(lbl) % len(palette)] for lbl in labels]
+            drawn = draw_bounding_boxes(img, boxes, labels=text, colors=colors, width=2) if len(boxes) else img
+            out_png = out_dir / names_out[index]
+            out_png.parent.mkdir(parents=True, exist_ok=True)
+            write_png(drawn, str(out_png))
+            rel = path.relative_to(root).as_posix()
+            records.append({
                 "image": str(path),
                 "output": str(out_png),
                 "detections": [
                     {"box_xyxy": [round(v, 2) for v in b], "label": loaded.classes[int(lbl)], "score": float(s)}
                     for b, lbl, s in zip(boxes.tolist(), labels.tolist(), scores.tolist(), strict=True)
                 ],
-            }
-        )
+            })
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1) if len(boxes) else boxes
+            head = {"image_id": ids[index]} if ids[index] is not None else {}
+            coco.extend(
+                {**head, "file_name": rel, "category_id": loaded.category_ids[int(lbl)],
+                 "bbox": [round(v, 3) for v in b], "score": round(float(s), 5)}
+                for b, lbl, s in zip(xywh.tolist(), labels.tolist(), scores.tolist(), strict=True)
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "predictions.json").write_text(json.dumps(records, indent=2) + "\n")
-    return records
+    return records, coco
+
+
+def plt_colors() -> list[tuple[float, ...]]:
+    """Twenty distinct colours (matplotlib's tab20), one per class modulo 20."""
+    from matplotlib import colormaps
+
+    return [colormaps["tab20"](i) for i in range(20)]

@@ -43,7 +43,7 @@ from robustdet.engine.checkpoint import (
 from robustdet.engine.evaluator import evaluate, format_metrics
 from robustdet.engine.run_log import RunLog
 from robustdet.engine.schedule import build_scheduler
-from robustdet.files import write_text_atomic
+from robustdet.files import write_json_atomic, write_text_atomic
 from robustdet.losses import set_finite_checks
 from robustdet.models import Detector, DetectorLosses, build_model
 from robustdet.models.weights import load_detector_weights
@@ -662,11 +662,16 @@ class Trainer:
             self.val_set, cfg.eval.batch_size, cfg.data.num_workers, rank=self.rank, world_size=self.world,
             max_images=cfg.eval.max_images,
         )
+        results: list[dict[str, Any]] | None = [] if final else None
         metrics = evaluate(
-            _unwrap(self.model), loader, self.val_set, self.device, self.autocast_dtype, backend=cfg.eval.backend
+            _unwrap(self.model), loader, self.val_set, self.device, self.autocast_dtype, keep_results=results,
+            backend=cfg.eval.backend,
         )
         metrics["iter"] = done
         assert self.log is not None
+        if final and self.rank == 0:
+            # the final COCO results (at most the detector's 100 per image): report's PR curves and confusion matrix
+            write_json_atomic(self.out_dir / "detections.json", results, indent=None)
         self.log.metrics(done, metrics, final=final)
         self._say(f"[iter {done}] COCO bbox metrics (%):\n{format_metrics(metrics)}")
         return metrics
