@@ -72,6 +72,19 @@ class DataConfig(Section):
     # and exact resume stay (data/loader.py, AspectRatioBatchSampler).
     group_aspect_ratio: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_format(cls, data: Any) -> Any:
+        """A source without ``format`` is the default synthetic one (as ``parse_source``), so that an
+        override such as ``data.train.label_noise.drop=0.1`` over the defaults names its own key."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("train", "val"):
+                value = data.get(key)
+                if isinstance(value, dict) and "format" not in value:
+                    data[key] = {"format": "synthetic", **value}
+        return data
+
     @model_validator(mode="after")
     def _check_noise(self) -> DataConfig:
         if any(s.label_noise is not None for s in as_sources(self.val)):
