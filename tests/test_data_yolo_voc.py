@@ -189,21 +189,29 @@ def make_voc(root: Path, xml: dict[str, str] | None = None) -> Path:
 
 
 def test_tiny_voc(tmp_path: Path) -> None:
-    data, _ = load_voc(make_voc(tmp_path / "VOC2012"), "train")
+    data, _ = load_voc(make_voc(tmp_path / "VOC2012"), "train", class_names=VOC_CLASSES)
     assert [c["name"] for c in data["categories"]] == list(VOC_CLASSES)
     anns = [a for a in data["annotations"] if a["image_id"] == 1]
     assert anns[0]["bbox"] == [0.0, 0.0, 20.0, 10.0]  # 1-based inclusive -> [x1 - 1, y1 - 1, x2, y2]
     assert anns[0]["category_id"] == VOC_CLASSES.index("dog") + 1 and anns[0]["iscrowd"] == 0
     assert anns[1]["bbox"] == [10.0, 4.0, 40.0, 36.0] and anns[1]["iscrowd"] == 1  # difficult
     ds = build_dataset(
-        parse_source({"format": "voc", "path": str(tmp_path / "VOC2012"), "split": "train"}), DataConfig(), True
+        parse_source(
+            {"format": "voc", "path": str(tmp_path / "VOC2012"), "split": "train", "class_names": list(VOC_CLASSES)}
+        ),
+        DataConfig(),
+        True,
     )
     _, target = ds[(0, 7)]
     assert target["labels"].tolist() == [VOC_CLASSES.index("dog")]  # the difficult person is not trained on
     assert len(ds.coco.getAnnIds(imgIds=[1], iscrowd=None)) == 2  # but stays in the evaluation ground truth
     out = tmp_path / "voc.json"
     coco, _ = load_coco(out, convert_to_coco("voc", tmp_path / "VOC2012", "train", out))
-    assert coco["annotations"] == data["annotations"]
+    # convert reads the class names from the XML files (dog, person), so dog is category 1 there
+    assert [c["name"] for c in coco["categories"]] == ["dog", "person"]
+    assert [(a["bbox"], a["category_id"]) for a in coco["annotations"]] == [
+        (a["bbox"], ["dog", "person"].index(VOC_CLASSES[a["category_id"] - 1]) + 1) for a in data["annotations"]
+    ]
 
 
 @pytest.mark.parametrize(
@@ -229,7 +237,7 @@ def test_tiny_voc(tmp_path: Path) -> None:
 def test_malformed_voc_names_the_xml(tmp_path: Path, xml: str, expected: str) -> None:
     root = make_voc(tmp_path / "VOC2007", xml={"2008_000002": xml.format(stem="2008_000002")})
     with pytest.raises(DatasetError) as info:
-        load_voc(root, "train")
+        load_voc(root, "train", class_names=VOC_CLASSES)
     assert "2008_000002.xml" in str(info.value) and expected in str(info.value)
 
 

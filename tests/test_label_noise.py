@@ -12,9 +12,10 @@ import torch
 from scipy import stats
 
 from robustdet.cli import main
-from robustdet.config import ConfigError, DataConfig, DatasetSource, load_config
+from robustdet.config import ConfigError, DataConfig, load_config
 from robustdet.data import build_dataset, load_synthetic, validate_coco
 from robustdet.data.noise import LabelNoiseConfig, apply_label_noise, flip_partners, sidecar_path
+from robustdet.data.synthetic import SyntheticSource
 from tests.conftest import REPO, tiny_overrides
 
 CATEGORY_IDS = [3, 7, 8, 20, 21]  # gaps and an odd count: labels 0..4 in this order
@@ -178,7 +179,7 @@ def test_the_validation_split_refuses_noise(tmp_path):
         load_config(None, ["data.val.label_noise.drop=0.1"])
     data_cfg = DataConfig.model_validate({"synthetic": {"num_train": 4, "num_val": 2, "image_size": 32,
                                                         "cache_dir": str(tmp_path)}})
-    noisy_source = DatasetSource(split="val", label_noise=LabelNoiseConfig(drop=0.1))
+    noisy_source = SyntheticSource(split="val", label_noise=LabelNoiseConfig(drop=0.1))
     with pytest.raises(ConfigError, match="never noised"):
         build_dataset(noisy_source, data_cfg, train=False)
 

@@ -185,6 +185,16 @@ def _drop_foreign_keys(path: tuple[str, ...], old: dict[str, Any], new: dict[str
     return {k: v for k, v in old.items() if k in table[after].model_fields}
 
 
+def _source_list_location(loc: list[str]) -> list[str]:
+    """``data.train`` is one source or a list (data/config.py DatasetSources): drop the union's tag from an
+    error's location, and name a list entry ``data.train[1]``."""
+    if len(loc) > 2 and loc[0] == "data" and loc[1] in ("train", "val") and loc[2] in ("source", "sources"):
+        if loc[2] == "sources" and len(loc) > 3:
+            return [loc[0], f"{loc[1]}[{loc[3]}]", *loc[4:]]
+        return [loc[0], loc[1], *loc[3:]]
+    return loc
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     """One line per error: the file, the dotted key and what is wrong with it.
 
@@ -193,12 +203,12 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     """
     lines = []
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
+        loc = _source_list_location([str(p) for p in err["loc"]])
         component = None
         for path, (table, field, _) in SWITCHED.items():
             n = len(path)
-            if tuple(loc[:n]) == path and len(loc) > n and loc[n] in table:
-                component = f"{'.'.join(path)} {field}={loc[n]}"
+            if tuple(p.split("[")[0] for p in loc[:n]) == path and len(loc) > n and loc[n] in table:
+                component = f"{'.'.join(loc[:n])} {field}={loc[n]}"
                 loc = loc[:n] + loc[n + 1 :]
                 break
         key = ".".join(loc) or "(top level)"

@@ -7,11 +7,12 @@ keys and loads its split (``SourceSection.load``), so a new format is one new fi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, TypeAdapter, model_validator
+from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from robustdet.data.coco import CocoSource
+from robustdet.data.merge import as_sources
 from robustdet.data.source import SourceSection
 from robustdet.data.synthetic import SyntheticConfig, SyntheticSource
 from robustdet.data.voc import VocSource
@@ -29,6 +30,14 @@ FORMATS: dict[str, type[SourceSection]] = {
 DatasetSource = tagged_union(FORMATS.values(), "format")
 _SOURCE = TypeAdapter(DatasetSource)
 
+# ``data.train`` / ``data.val``: one source, or a list merged into one split (data/merge.py). The callable
+# discriminator keeps pydantic from reporting a bad mapping against the list member too; its tags
+# ("source", "sources") are left out of error messages by config._format_errors.
+DatasetSources = Annotated[
+    Union[Annotated[DatasetSource, Tag("source")], Annotated[list[DatasetSource], Tag("sources")]],  # noqa: UP007
+    Discriminator(lambda value: "sources" if isinstance(value, list) else "source"),
+]
+
 
 def parse_source(data: dict[str, Any]) -> SourceSection:
     """A source section from a mapping such as ``{"format": "yolo", "path": "data.yaml", "split": "val"}``."""
@@ -43,8 +52,8 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    train: DatasetSource = Field(default_factory=lambda: SyntheticSource(split="train"))
-    val: DatasetSource = Field(default_factory=lambda: SyntheticSource(split="val"))
+    train: DatasetSources = Field(default_factory=lambda: SyntheticSource(split="train"))
+    val: DatasetSources = Field(default_factory=lambda: SyntheticSource(split="val"))
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     # Images without boxes: keep them (they teach background) or leave them out of training.
@@ -66,19 +75,38 @@ class DataConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _default_format(cls, data: Any) -> Any:
-        """A ``train`` / ``val`` mapping without ``format`` is the built-in synthetic data (the default)."""
+        """A source without ``format`` is the default synthetic one (as ``parse_source``), so that an
+        override such as ``data.train.label_noise.drop=0.1`` over the defaults names its own key."""
         if isinstance(data, dict):
             data = dict(data)
-            for split in ("train", "val"):
-                if isinstance(data.get(split), dict) and "format" not in data[split]:
-                    data[split] = {"format": "synthetic", **data[split]}
+            for key in ("train", "val"):
+                value = data.get(key)
+                if isinstance(value, dict) and "format" not in value:
+                    data[key] = {"format": "synthetic", **value}
         return data
 
     @model_validator(mode="after")
     def _check_noise(self) -> DataConfig:
-        if self.val.label_noise is not None:
+        if any(s.label_noise is not None for s in as_sources(self.val)):
             raise ValueError("data.val.label_noise: the validation split is never noised (use data.train.label_noise)")
+        for key in ("train", "val"):
+            sources = as_sources(getattr(self, key))
+            if not sources:
+                raise ValueError(f"data.{key}: an empty list of sources (give one source, or a list of several)")
+            if any(s.label_noise != sources[0].label_noise for s in sources):
+                raise ValueError(
+                    f"data.{key}: the sources of a list must give the same label_noise (or none): it is applied "
+                    "once, to the merged split"
+                )
         return self
 
 
-__all__ = ["FORMATS", "AugmentConfig", "DataConfig", "DatasetSource", "SyntheticConfig", "parse_source"]
+__all__ = [
+    "FORMATS",
+    "AugmentConfig",
+    "DataConfig",
+    "DatasetSource",
+    "DatasetSources",
+    "SyntheticConfig",
+    "parse_source",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as F
 from robustdet.data.coco import DatasetError, ErrorList, coco_api, validate_coco
 from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, parse_source
 from robustdet.data.headers import cache_file, read_headers
+from robustdet.data.merge import as_sources, load_sources
 from robustdet.data.noise import apply_source_noise
 from robustdet.data.source import SourceSection
 from robustdet.files import write_json_atomic
@@ -325,16 +326,20 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
 
 
 def build_dataset(
-    source: SourceSection, data_cfg: DataConfig, train: bool, cache_dir: str | Path | None = None
+    source: SourceSection | Sequence[SourceSection],
+    data_cfg: DataConfig,
+    train: bool,
+    cache_dir: str | Path | None = None,
 ) -> DetectionDataset:
     """Load ``source`` with the loader of its format and wrap it; ``train`` turns augmentation on.
 
-    ``cache_dir`` holds the image-header cache (None: ``$ROBUSTDET_CACHE/headers`` or
-    ``~/.cache/robustdet/headers``; see data/headers.py).
+    A list of sources is one split merged from them (data/merge.py). ``cache_dir`` holds the image-header
+    cache (None: ``$ROBUSTDET_CACHE/headers`` or ``~/.cache/robustdet/headers``; see data/headers.py).
     """
-    split = source.split or ("train" if train else "val")
-    data, image_root = source.load(data_cfg, split, cache_dir)
-    data, noise_report = apply_source_noise(data, source.label_noise, source.describe(split), train)
+    sources = as_sources(source)
+    data, image_root, name = load_sources(sources, data_cfg, train, cache_dir)
+    # the sources of a list agree on label_noise (DataConfig checks it): applied once, to the merged split
+    data, noise_report = apply_source_noise(data, sources[0].label_noise, name, train)
     dataset = DetectionDataset(
         data,
         image_root,
@@ -342,7 +347,7 @@ def build_dataset(
         augment=data_cfg.augment,
         empty_images=data_cfg.empty_images,
         out_of_image=data_cfg.out_of_image,
-        source=source.describe(split),
+        source=name,
         validate=False,  # the loader just did
         # training skips (and the trainer reports) images that fail to decode, up to
         # data.max_corrupt_images; evaluation needs every image and stops naming the file
@@ -350,7 +355,7 @@ def build_dataset(
     )
     dataset.label_noise = noise_report
     # yolo took its sizes from the headers; the synthetic images are generated here
-    if data_cfg.verify_images and source.verify_headers:
+    if data_cfg.verify_images and any(s.verify_headers for s in sources):
         verify_image_headers(dataset, cache_dir)
     return dataset
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from xml.etree.ElementTree import Element, ParseError
 
 import defusedxml
 import defusedxml.ElementTree as SafeET
+from pydantic import field_validator
 
 from robustdet.data.coco import (
     DatasetError,
@@ -99,13 +103,49 @@ def _objects(
 
 class VocSource(FileSource):
     """``format: voc``: ``path`` is a VOCdevkit/VOC20xx folder, ``split`` its ImageSets/Main list
-    (train/val/trainval/test); ``image_root`` defaults to its JPEGImages."""
+    (train/val/trainval/test); ``image_root`` defaults to its JPEGImages; ``class_names`` the classes in
+    label order (None: every ``<name>`` of the split's XML files, sorted, and said once on the console)."""
 
     format: Literal["voc"] = "voc"
+    class_names: list[str] | None = None
     verify_headers: ClassVar[bool] = True
 
+    @field_validator("class_names")
+    @classmethod
+    def _check_names(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None:
+            if not names or any(not n.strip() for n in names):
+                raise ValueError("give a non-empty list of non-empty class names")
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"{repeated} listed more than once")
+        return names
+
     def load(self, data: Any, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
-        return load_voc(self.path or "", split, image_root=self.image_root)
+        coco, root = load_voc(self.path or "", split, class_names=self.class_names, image_root=self.image_root)
+        if self.class_names is None and os.environ.get("RANK", "0") == "0":
+            names = [c["name"] for c in coco["categories"]]
+            # said once per source, on rank 0: a user who labelled with LabelImg sees which classes (and
+            # which label order) the model gets, and a typo'd class shows up as an extra name
+            print(
+                f"robustdet: {self.path} {split}: {len(names)} classes read from the XML files (sorted; set "
+                f"class_names to fix them): {', '.join(names)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return coco, root
+
+
+def xml_class_names(roots: Iterable[Element]) -> list[str]:
+    """Every object ``<name>`` in the parsed VOC annotations, sorted (a stable label order that does not
+    depend on which image names a class first); objects without a name are reported by the loader."""
+    names = set()
+    for node in roots:
+        for obj in node.findall("object"):
+            name = obj.find("name")
+            if name is not None and name.text and name.text.strip():
+                names.add(name.text.strip())
+    return sorted(names)
 
 
 def _split_stems(split_file: Path, voc_root: Path) -> list[str]:
@@ -128,24 +168,25 @@ def _split_stems(split_file: Path, voc_root: Path) -> list[str]:
 def load_voc(
     voc_root: str | Path,
     split: str,
-    class_names: tuple[str, ...] | list[str] = VOC_CLASSES,
+    class_names: tuple[str, ...] | list[str] | None = None,
     image_root: str | Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Read ``ImageSets/Main/{split}.txt`` of a VOC20xx folder as a COCO dict.
 
     ``difficult=1`` objects become ``iscrowd=1``: COCOeval then ignores detections matched to them (as
     VOC's own evaluation does), and they stay out of the training targets. Category ids are 1..C in
-    ``class_names`` order; image ids are 1..N in the order of the split file.
+    ``class_names`` order (``VOC_CLASSES`` for the 20 VOC classes; None: every ``<name>`` in the split's
+    XML files, sorted, which for a VOC split holding all 20 classes is ``VOC_CLASSES``); image ids are
+    1..N in the order of the split file.
     """
     voc_root = Path(voc_root)
     split_file = voc_root / "ImageSets" / "Main" / f"{split}.txt"
     stems = _split_stems(split_file, voc_root)
     root = Path(image_root) if image_root is not None else voc_root / "JPEGImages"
     root_real = check_image_root(root, str(voc_root))
-    class_index = {name: i for i, name in enumerate(class_names)}
-
     errors = ErrorList()
-    images, annotations = [], []
+    # first every XML (size checked), then the objects: the class table may come from the XML names
+    parsed: list[tuple[dict[str, Any], Path, Element]] = []
     for image_id, stem in enumerate(stems, start=1):
         where = f"{split_file}: line {image_id} ({stem!r})"
         file_name = f"{stem}.jpg"
@@ -167,13 +208,30 @@ def load_voc(
                 raise DatasetError(
                     f"{xml_path}: <size> must hold positive integers, got {width:g}x{height:g}"
                 )
+        except DatasetError as exc:
+            errors.add(str(exc))
+            continue
+        image = {"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)}
+        parsed.append((image, xml_path, root_node))
+    if class_names is None:
+        class_names = xml_class_names(node for _, _, node in parsed)
+        if not class_names and not errors.messages:
+            raise DatasetError(
+                f"{split_file}: no <object> with a <name> in any of its XML files, so no classes to read "
+                "(set class_names)"
+            )
+    class_index = {name: i for i, name in enumerate(class_names)}
+
+    images, annotations = [], []
+    for image, xml_path, root_node in parsed:
+        try:
             objects = _objects(root_node, xml_path, class_index)
         except DatasetError as exc:
             errors.add(str(exc))
             continue
-        images.append({"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)})
+        images.append(image)
         for cls, bbox, difficult in objects:
-            annotations.append(annotation_record(len(annotations) + 1, image_id, cls, bbox, difficult))
+            annotations.append(annotation_record(len(annotations) + 1, image["id"], cls, bbox, difficult))
     errors.raise_if_any()
     data = {
         "info": {"description": f"converted by robustdet from {voc_root.name} split {split}"},
