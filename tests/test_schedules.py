@@ -38,7 +38,8 @@ def test_steps_and_warmup_in_epochs_match_the_same_schedule_in_iterations() -> N
         None,
         [
             "train.max_iter=null", "train.max_epochs=5", "train.batch_size=5", "train.schedule.name=step",
-            "train.schedule.warmup_iters=null", "train.schedule.warmup_epochs=0.5", "train.schedule.step_epochs=[3, 4.5]",
+            "train.schedule.warmup_iters=null", "train.schedule.warmup_epochs=0.5",
+            "train.schedule.step_epochs=[3, 4.5]",
         ],
     )  # fmt: skip
     by_iters = load_config(
@@ -68,7 +69,8 @@ def test_lr_scales_linearly_only_with_a_reference_batch() -> None:
     scaled = make_plan(cfg, 100, 4)
     assert scaled.lr == pytest.approx(0.01 * 8 / 16) and scaled.log_var_lr == pytest.approx(0.002 * 8 / 16)
     assert scaled.lines(cfg, 4) == ["lr 0.01 for batch 16 -> 0.005 for batch 2 x 4 ranks"]
-    off = make_plan(load_config(None, [*base, "train.optimizer.reference_batch_size=16", "train.scale_lr=false"]), 100, 4)
+    off_cfg = load_config(None, [*base, "train.optimizer.reference_batch_size=16", "train.scale_lr=false"])
+    off = make_plan(off_cfg, 100, 4)
     assert off.lr == 0.01 and off.lr_scale == 1.0
 
 
