@@ -143,3 +143,12 @@ def test_train_in_epochs_with_scaled_lr_from_a_job_script(tmp_path: Path, capsys
         main(["train", CONFIG, "--out", str(out), "train.max_iter=2", "--bogus"])
     assert exc.value.code == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_sweep_dry_run_lists_cells_in_epochs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["sweep", CONFIG, "--grid", "weighting.name=equal,avw", "--out", str(tmp_path / "sw"), "--dry-run"]
+    assert main([*argv, "train.max_iter=null", "train.max_epochs=2"]) == 0
+    out = capsys.readouterr().out
+    cells = [line for line in out.splitlines() if line.strip().endswith("[new]")]
+    assert len(cells) == 2 and all("       2 epochs  [new]" in line for line in cells)
+    assert "0 iterations in all" in out and "(cells in epochs not counted)" in out
