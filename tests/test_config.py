@@ -85,8 +85,12 @@ def test_file_errors_name_the_file(tmp_path):
 def test_yaml_is_loaded_safely(tmp_path):
     evil = tmp_path / "evil.yaml"
     evil.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"evil\.yaml: unsupported YAML tag !!python/object/apply:os\.system"):
         load_config(evil)
+    custom = tmp_path / "custom.yaml"
+    custom.write_text("train:\n  max_iter: !Iterations 3\n")
+    with pytest.raises(ConfigError, match=r"custom\.yaml: unsupported YAML tag !Iterations \(line 2\)"):
+        load_config(custom)
 
 
 def test_every_shipped_config_validates():

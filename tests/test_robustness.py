@@ -207,6 +207,38 @@ def test_truncated_last_checkpoint_falls_back_to_prev(reference: tuple[Path, Pat
     assert_same_run(run, ref)
 
 
+# 24 images, batch 2: 0.75 epochs are 9 iterations, 0.25 of warm-up 3; an evaluation every 3 keeps best.pt
+EPOCHS: dict[str, object] = {
+    "train.max_iter": "null", "train.max_epochs": 0.75, "train.schedule.warmup_iters": "null",
+    "train.schedule.warmup_epochs": 0.25, "checkpoint.period": 3, "eval.period": 3, "eval.max_images": 3,
+    "checkpoint.best_metric": "AR100",
+}  # fmt: skip
+
+
+def test_epochs_and_best_checkpoint_killed_and_resumed_end_equal(reference: tuple[Path, Path]) -> None:
+    """A run stated in epochs that keeps best.pt, SIGKILLed after its first evaluation and checkpoint, then
+    --resume: last.pt, best.pt (with its metric, value and iteration), logs and metrics as uninterrupted."""
+    data, _ = reference
+    ref, run = data / "epochs_reference", data / "epochs_killed"
+    assert main(_argv(data, ref, EPOCHS)) == 0
+    proc = _spawn(data, run, EPOCHS)
+    _wait("iteration 4", lambda: _logged(run) >= 4, proc)  # the evaluation and checkpoint of 3 are done
+    time.sleep(random.Random(11).uniform(0.0, 0.4))
+    _kill(proc)
+    assert main(_argv(data, run, EPOCHS, "--resume")) == 0
+    assert_same_run(run, ref)
+    assert load_checkpoint(ref / "checkpoints" / "last.pt")["iteration"] == 9
+    a = load_checkpoint(ref / "checkpoints" / "best.pt")
+    b = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert all(same_state(a[k], b[k]) for k in a if k != "config") and a.keys() == b.keys()
+    # the best is the first evaluation with the highest AR100 (eval.jsonl, the final one included)
+    evals = _records(ref / "eval.jsonl")
+    assert [r["iter"] for r in evals] == [3, 6, 9]
+    top = max(r["bbox"]["AR100"] for r in evals)
+    first = next(r["iter"] for r in evals if r["bbox"]["AR100"] == top)
+    assert b["best"] == {"metric": "AR100", "value": top, "iteration": first} and b["iteration"] == first
+
+
 # ------------------------------------------------------------------------------------- divergence
 def _poison(monkeypatch: pytest.MonkeyPatch, poison: Callable[[Any, Any, int], None]) -> None:
     """Wrap the built model's forward: ``poison(model, out, call)`` may spoil training call ``call`` (1-based)."""

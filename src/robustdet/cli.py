@@ -310,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest:
-        # argparse leaves KEY=VALUE after options unmatched (`sweep CONFIG --out DIR KEY=VALUE`)
-        if args.command != "sweep" or any(r.startswith("-") for r in rest):
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        # argparse leaves KEY=VALUE after options unmatched (`train CONFIG --out DIR KEY=VALUE`)
+        options = [r for r in rest if r.startswith("-")]
+        if args.command not in ("train", "sweep", "eval") or options:
+            parser.error(f"unrecognized arguments: {' '.join(options or rest)}")
         args.overrides = [*args.overrides, *rest]
     try:
         return int(args.func(args) or 0)

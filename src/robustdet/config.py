@@ -11,6 +11,7 @@ parsed as YAML scalars) before validation, so an override gets the same checks a
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,19 +48,44 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     # learning rate of the log-variances (their own group, never weight-decayed); None: same as lr
     log_var_lr: float | None = Field(None, gt=0)
+    # the total batch (batch_size x world size) lr and log_var_lr are stated for: when set (and
+    # train.scale_lr), both are scaled linearly to the run's total batch (docs/training.md, Schedules)
+    reference_batch_size: int | None = Field(None, ge=1)
 
 
 class ScheduleConfig(Section):
     name: Literal["step", "cosine", "constant"] = "step"
-    warmup_iters: int = Field(500, ge=0)
+    warmup_iters: int | None = Field(None, ge=0)  # None with no warmup_epochs: 500
     warmup_factor: float = Field(0.001, gt=0, le=1)
     steps: list[int] = Field(default_factory=list)
     gamma: float = Field(0.1, gt=0, le=1)
     min_lr_factor: float = Field(0.0, ge=0, le=1)
+    # the same in epochs, converted to iterations once at setup (engine/plan.py)
+    warmup_epochs: float | None = Field(None, ge=0)
+    step_epochs: list[float] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_warmup(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("warmup_iters") is None and data.get("warmup_epochs") is None:
+            data = {**data, "warmup_iters": 500}
+        return data
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> ScheduleConfig:
+        if self.warmup_iters is not None and self.warmup_epochs is not None:
+            raise ValueError("give one of train.schedule.warmup_iters and warmup_epochs (set the other to null)")
+        if self.steps and self.step_epochs:
+            raise ValueError("give one of train.schedule.steps and step_epochs (set the other to [])")
+        return self
 
 
 class TrainConfig(Section):
-    max_iter: int = Field(1000, ge=1)
+    max_iter: int | None = Field(None, ge=1)  # None with no max_epochs: 1000
+    # the length in passes over data.train instead: ceil(epochs x images / (batch_size x world size))
+    max_epochs: float | None = Field(None, gt=0)
+    # scale the optimizer's lr from train.optimizer.reference_batch_size (when set) to the total batch
+    scale_lr: bool = True
     batch_size: int = Field(2, ge=1)  # per process
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -73,8 +99,19 @@ class TrainConfig(Section):
     # stops with an error (a rank that died is noticed at once)
     dist_timeout_s: float = Field(300.0, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("max_iter") is None and data.get("max_epochs") is None:
+            data = {**data, "max_iter": 1000}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.max_iter is not None and self.max_epochs is not None:
+            raise ValueError("give one of train.max_iter and train.max_epochs (set the other to null)")
+        if self.max_iter is None:  # steps in iterations are checked once max_epochs is converted
+            return self
         bad = [s for s in self.schedule.steps if not 0 < s < self.max_iter]
         if bad:
             raise ValueError(f"train.schedule.steps {bad} must lie in (0, train.max_iter={self.max_iter})")
@@ -100,8 +137,14 @@ class EvalConfig(Section):
         return self
 
 
+# the 12 COCO bbox numbers (engine/evaluator.py METRIC_NAMES)
+MetricName = Literal["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
 class CheckpointConfig(Section):
     period: int = Field(500, ge=0)  # 0: only at the end
+    # keep checkpoints/best.pt: the state at the evaluation with the highest value of this COCO metric
+    best_metric: MetricName | None = None
 
 
 class LogConfig(Section):
@@ -260,6 +303,15 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
     try:
         loaded = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        # a tag safe_load has no constructor for (!!python/object..., !Custom): never constructed
+        found = re.search(r"tag '([^']*)'", str(exc.problem))
+        tag = found.group(1).replace("tag:yaml.org,2002:", "!!") if found else str(exc.problem)
+        where = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark is not None else ""
+        raise ConfigError(
+            f"{path}: unsupported YAML tag {tag}{where}: "
+            "configs hold plain mappings, lists and scalars"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if loaded is None:

@@ -328,16 +328,23 @@ def plan_text(spec: SweepSpec, cells: list[Cell], out: Path) -> str:
     width = max(len(c.name) for c in cells)
     lines.append("cells:")
     for c, st in zip(cells, states, strict=True):
-        lines.append(f"  {c.name:<{width}}  {c.cfg.train.max_iter:>8} iterations  [{st}]")
-    total = sum(c.cfg.train.max_iter for c in cells)
+        length = (
+            f"{c.cfg.train.max_iter:>8} iterations"
+            if c.cfg.train.max_iter is not None
+            else f"{c.cfg.train.max_epochs:>8g} epochs"  # iterations known once the data is read
+        )
+        lines.append(f"  {c.name:<{width}}  {length}  [{st}]")
+    total = sum(c.cfg.train.max_iter or 0 for c in cells)
     todo = [c for c, st in zip(cells, states, strict=True) if st in ("new", "resume")]
     shape = " x ".join(str(len(a.levels)) for a in spec.axes) or "1"
     seeds = len(spec.seeds) if spec.seeds is not None else 1
     lines.append(
         f"{len(cells)} cells ({shape} grid x {seeds} seeds), {total} iterations in all; "
         f"{sum(st == 'done' for st in states)} done, {sum(st == 'resume' for st in states)} to resume, "
-        f"{sum(st == 'new' for st in states)} to start ({sum(c.cfg.train.max_iter for c in todo)} iterations at most)"
+        f"{sum(st == 'new' for st in states)} to start "
+        f"({sum(c.cfg.train.max_iter or 0 for c in todo)} iterations at most)"
         + (f", {sum(st == 'diverged' for st in states)} diverged" if "diverged" in states else "")
+        + (" (cells in epochs not counted)" if any(c.cfg.train.max_iter is None for c in cells) else "")
     )
     return "\n".join(lines)
 

@@ -10,18 +10,20 @@ from robustdet.config import ScheduleConfig
 
 
 def lr_factor(it: int, cfg: ScheduleConfig, max_iter: int) -> float:
-    """The multiplier of the base learning rate at iteration ``it`` (0-based, the step about to run)."""
+    """The multiplier of the base learning rate at iteration ``it`` (0-based, the step about to run).
+    ``cfg`` in iterations: warmup_epochs and step_epochs are converted first (engine/plan.py)."""
+    warmup = cfg.warmup_iters or 0
     if cfg.name == "step":
         factor = cfg.gamma ** sum(1 for s in cfg.steps if it >= s)
     elif cfg.name == "cosine":
         # cosine from the end of warmup, so warmup and decay do not fight over the first iterations
-        start = min(cfg.warmup_iters, max_iter - 1)
+        start = min(warmup, max_iter - 1)
         progress = min(1.0, max(0.0, (it - start) / max(1, max_iter - start)))
         factor = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     else:
         factor = 1.0
-    if it < cfg.warmup_iters:
-        alpha = it / cfg.warmup_iters
+    if it < warmup:
+        alpha = it / warmup
         factor *= cfg.warmup_factor * (1 - alpha) + alpha
     return factor
 

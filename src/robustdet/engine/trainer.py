@@ -33,6 +33,7 @@ from robustdet.config import Config, ConfigError, config_from_stored, config_to_
 from robustdet.data import DatasetError, DetectionDataset, build_dataset, build_eval_loader, build_train_loader
 from robustdet.data.loader import shutdown_workers
 from robustdet.data.noise import write_noise_report
+from robustdet.engine.best import BestTracker, save_best
 from robustdet.engine.checkpoint import (
     CheckpointError,
     find_resumable,
@@ -40,7 +41,9 @@ from robustdet.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from robustdet.engine.console import PlainProgress, is_terminal, start_summary
 from robustdet.engine.evaluator import evaluate, format_metrics
+from robustdet.engine.plan import RunPlan, make_plan
 from robustdet.engine.run_log import RunLog
 from robustdet.engine.schedule import build_scheduler
 from robustdet.files import write_json_atomic, write_text_atomic
@@ -91,10 +94,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, weighting: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, weighting: nn.Module, cfg: Config, lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
     """Model weights with weight decay; the detector's log-variances and a weighting's learnable
-    parameters (Kendall's per-level u_i) in the log-variance group: never weight-decayed, own lr."""
-    opt = cfg.train.optimizer
+    parameters (Kendall's per-level u_i) in the log-variance group: never weight-decayed, own lr.
+    ``lr_scale`` multiplies both learning rates (the linear scaling of engine/plan.py)."""
+    opt = cfg.train.optimizer.model_copy(
+        update={
+            "lr": cfg.train.optimizer.lr * lr_scale,
+            "log_var_lr": None if cfg.train.optimizer.log_var_lr is None else cfg.train.optimizer.log_var_lr * lr_scale,
+        }
+    )
     lv = model.log_variances if isinstance(model, Detector) else None
     special_params = [*(lv.parameters() if lv is not None else ()), *weighting.parameters()]
     special = [p for p in special_params if p.requires_grad]
@@ -184,8 +195,15 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.seed)
         self._build_data()
+        self.plan: RunPlan = make_plan(cfg, len(self.train_set), self.world)
+        for line in self.plan.lines(cfg, self.world):
+            self._say(line)
+        found = self._find_checkpoint() if self.resume else None
+        if self.resume and found is None:  # a job script that always passes --resume, on its first launch
+            self._say(f"--resume: no checkpoint in {self.out_dir / 'checkpoints'} yet; starting a new run")
+            self.resume = False
         model = self._build_model()
-        resumed_from, problems = self._resume() if self.resume else (None, [])
+        resumed_from, problems = self._resume(found) if found is not None else (None, [])
         self.model: nn.Module = model
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(
@@ -201,7 +219,7 @@ class Trainer:
             batch_size=cfg.train.batch_size,
             seed=cfg.seed,
             start_iter=self.start_iter,
-            max_iter=cfg.train.max_iter,
+            max_iter=self.plan.max_iter,
             rank=self.rank,
             world_size=self.world,
             num_workers=cfg.data.num_workers,
@@ -241,27 +259,31 @@ class Trainer:
         self.level_names = list(model.level_names)
         self.weighting: LevelWeighting = build_weighting(cfg.weighting, len(self.level_names), cfg.seed)
         self.weighting.to(self.device)
-        self.optimizer = build_optimizer(model, self.weighting, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train.schedule, cfg.train.max_iter)
+        self.optimizer = build_optimizer(model, self.weighting, cfg, self.plan.lr_scale)
+        self.scheduler = build_scheduler(self.optimizer, self.plan.schedule, self.plan.max_iter)
+        self.best = BestTracker(cfg.checkpoint.best_metric) if cfg.checkpoint.best_metric else None
         self.model = model
         self.start_iter = 0
         self.nonfinite_total = 0
         return model
 
-    def _resume(self) -> tuple[Path, list[str]]:
-        """Restore the newest usable checkpoint of the run directory; its path and what was passed over."""
-        ckpt_dir = self.out_dir / "checkpoints"
+    def _find_checkpoint(self) -> tuple[Path, dict[str, Any], list[str]] | None:
+        """The newest usable checkpoint of the run directory, with what was passed over; None when there is
+        none at all (raises when there are only unusable ones)."""
         problems: list[str] = []
-        found = find_resumable(ckpt_dir, problems)
-        if found is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        path, state = found
+        found = find_resumable(self.out_dir / "checkpoints", problems)
+        return None if found is None else (*found, problems)
+
+    def _resume(self, found: tuple[Path, dict[str, Any], list[str]]) -> tuple[Path, list[str]]:
+        """Restore the checkpoint ``_find_checkpoint`` found; its path and what was passed over."""
+        path, state, problems = found
         for problem in problems:
             self._warn(f"--resume: passed over {problem}")
         self._restore(state, path)
-        if self.start_iter > self.cfg.train.max_iter:
+        if self.start_iter > self.plan.max_iter:
             raise ConfigError(
-                f"--resume: {path} is at iteration {self.start_iter}, past train.max_iter={self.cfg.train.max_iter}"
+                f"--resume: {path} is at iteration {self.start_iter}, past the run's {self.plan.max_iter} "
+                "iterations (train.max_iter / train.max_epochs)"
             )
         self._last_saved = self.start_iter
         self._say(f"resumed from {path} at iteration {self.start_iter}")
@@ -289,6 +311,8 @@ class Trainer:
         self.start_iter = int(state["iteration"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.corrupt_images = [str(p) for p in state.get("corrupt_images", [])]
+        if self.best is not None and not self.best.load_state_dict(state.get("best")) and state.get("best"):
+            self._warn(f"--resume: {path} tracked best.pt by another metric; tracking {self.best.metric} anew")
         rng = state["rng"]
         if isinstance(rng, list):
             if len(rng) != self.world:
@@ -313,6 +337,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "nonfinite_total": self.nonfinite_total,
             "corrupt_images": list(self.corrupt_images),
+            "best": self.best.state_dict() if self.best is not None else None,
             # every rank's streams, so each rank resumes its own
             "rng": dist.gather_objects(rng_state()),
         }
@@ -408,13 +433,18 @@ class Trainer:
             raise Interrupted(signum)
 
     def train(self) -> dict[str, Any] | None:
-        """Run to ``train.max_iter`` (or from the checkpoint on), evaluate, return the final metrics."""
+        """Run to the plan's last iteration (or from the checkpoint on), evaluate, return the final metrics."""
         cfg = self.cfg
         old_handlers: dict[int, Any] = {}
         failed = False
         try:
             self._setup()
             if dist.is_main():
+                summary = start_summary(
+                    cfg, device=self.device, world=self.world, model=_unwrap(self.model), train_set=self.train_set,
+                    val_set=self.val_set, plan=self.plan, out_dir=self.out_dir,
+                )  # fmt: skip
+                self._say(summary)
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
                 if self.train_set.label_noise is not None:
@@ -450,16 +480,19 @@ class Trainer:
         self._weighting_params = [p for p in self.weighting.parameters() if p.requires_grad]
         self._bad_in_row = 0
         self._pbar = None
-        if dist.is_main() and cfg.log.progress:
+        self._plain: PlainProgress | None = None
+        if dist.is_main() and cfg.log.progress and is_terminal(sys.stderr):
             from tqdm import tqdm
 
             self._pbar = tqdm(
-                total=cfg.train.max_iter, initial=self.start_iter, desc="train", dynamic_ncols=True, file=sys.stderr
+                total=self.plan.max_iter, initial=self.start_iter, desc="train", dynamic_ncols=True, file=sys.stderr
             )
+        elif dist.is_main() and cfg.log.progress:  # a batch job: no carriage returns in its log file
+            self._plain = PlainProgress(self.plan.max_iter, self.start_iter, self.console)
         self._t0 = time.perf_counter()
         loader = iter(self.train_loader)
         try:
-            for it in range(self.start_iter, cfg.train.max_iter):
+            for it in range(self.start_iter, self.plan.max_iter):
                 self._iteration(it, loader)
         finally:
             if self._pbar is not None:
@@ -567,7 +600,7 @@ class Trainer:
     def _periodic(self, step: _Step, lr: float, weights_used: torch.Tensor) -> None:
         """Log, progress bar, checkpoint, evaluation and a requested stop, each at its period."""
         cfg = self.cfg
-        done, max_iter = step.done, cfg.train.max_iter
+        done, max_iter = step.done, self.plan.max_iter
         log_now = done % cfg.log.period == 0 or done == max_iter
         if log_now:
             self._log_step(step, lr, weights_used.cpu().tolist(), time.perf_counter() - self._t0)
@@ -575,10 +608,13 @@ class Trainer:
             self._pbar.update(1)
             if log_now:  # total.item() would be a host sync every step
                 self._pbar.set_postfix(loss=f"{step.total.item():.3f}", lr=f"{lr:.2e}", refresh=False)
-        if cfg.checkpoint.period and done % cfg.checkpoint.period == 0 and done < max_iter:
-            self._save(done)
+        if self._plain is not None and log_now:
+            self._plain.line(done, float(step.total.detach()), lr)
+        # evaluate before the checkpoint of the same iteration, so that it holds that evaluation's best
         if cfg.eval.period and done % cfg.eval.period == 0 and done < max_iter:
             self._evaluate(done)
+        if cfg.checkpoint.period and done % cfg.checkpoint.period == 0 and done < max_iter:
+            self._save(done)
         if step.stop_signal is not None and done < max_iter:
             if self._last_saved != done:
                 self._save(done)
@@ -587,7 +623,7 @@ class Trainer:
             raise Interrupted(step.stop_signal)
 
     def _finish(self) -> dict[str, Any]:
-        max_iter = self.cfg.train.max_iter
+        max_iter = self.plan.max_iter
         self._iter = max_iter
         self._save(max_iter)
         # From here a signal stops at once: the final checkpoint is written, --resume only re-evaluates.
@@ -651,9 +687,12 @@ class Trainer:
         # evaluation must not move any random stream: a resumed run does not repeat it
         streams = rng_state()
         try:
-            return self._evaluate_inner(done, final)
+            metrics = self._evaluate_inner(done, final)
         finally:
             set_rng_state(streams)
+        if self.best is not None and self.best.improves(metrics):  # with the streams training left
+            self._save_best(done, metrics)
+        return metrics
 
     def _evaluate_inner(self, done: int, final: bool) -> dict[str, Any]:
         cfg = self.cfg
@@ -675,3 +714,15 @@ class Trainer:
         self.log.metrics(done, metrics, final=final)
         self._say(f"[iter {done}] COCO bbox metrics (%):\n{format_metrics(metrics)}")
         return metrics
+
+    def _save_best(self, done: int, metrics: dict[str, Any]) -> None:
+        """``checkpoints/best.pt``: this state, with the evaluation that made it the best."""
+        assert self.best is not None
+        before = self.best.value
+        self.best.record(metrics, done)
+        state = self._state(done)  # collective: every rank takes part
+        if dist.is_main():
+            path = save_best(state, self.out_dir / "checkpoints")
+            was = f", was {before:.2f}" if math.isfinite(before) else ""
+            self._say(f"[iter {done}] best {self.best.metric} {self.best.value:.2f}{was}: wrote {path}")
+        dist.barrier()
