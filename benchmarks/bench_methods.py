@@ -180,6 +180,43 @@ def run_detector(detector: str, args: argparse.Namespace, tmp: Path) -> list[str
     return lines
 
 
+def plain_cost_loss_only(detector: str, args: argparse.Namespace, tmp: Path) -> str:
+    """The plain measure's cost alone: the Bayesian + RLO detector's losses from fixed head outputs (matching,
+    losses, per-level sums; forward + backward to the head outputs), with the plain measure on and off
+    alternating; CPU ms, medians. Dense detectors only (their ``compute_level_losses``)."""
+    cfg = method_config(detector, METHODS["bayesian+rlo"], list(args.set or []))
+    ms = MethodStep(cfg, tmp / "plain", args.batch_size)
+    model = ms.trainer.model
+    assert isinstance(model, dense_module.DenseDetector)
+    batch = ms.trainer._to_device(ms.images, ms.targets)
+    with torch.no_grad():
+        image_list, targets = model.transform(batch.images, batch.targets)
+        features = list(model.backbone(image_list.tensors).values())
+        outputs = model.head(features)
+        anchors, counts = model.batch_anchors(image_list, features)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in outputs.items()}
+
+    def losses() -> None:
+        for v in leaves.values():
+            v.grad = None
+        model.compute_level_losses(targets, leaves, anchors, counts).level_losses.sum().backward()
+
+    def losses_no_plain() -> None:
+        with plain_measure_off():
+            losses()
+
+    on, off = [], []
+    for r in range(args.warmup + 3 * args.repeats):
+        pair = [(on, losses), (off, losses_no_plain)]
+        for out, fn in pair if r % 2 else pair[::-1]:
+            cpu = timed(fn)[1]
+            if r >= args.warmup:
+                out.append(cpu)
+    ms.close()
+    a, b = statistics.median(on), statistics.median(off)
+    return f"| {detector} | {a * 1e3:.2f} | {b * 1e3:.2f} | {(a - b) * 1e3:.2f} |"
+
+
 def profile(detector: str, name: str, step: MethodStep, steps: int = 3) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -201,6 +238,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--frcnn-rois", type=int, default=None, help="model.box_batch_size_per_image for Faster R-CNN")
     parser.add_argument("--no-plain", action="store_true", help=f"add the method {NO_PLAIN!r}")
+    parser.add_argument(
+        "--plain-loss-only", action="store_true", help="time the plain measure on the losses alone (dense detectors)"
+    )
     parser.add_argument("--profile", nargs="*", default=None, help="methods to profile (with the baseline)")
     parser.add_argument("--set", nargs="*", default=None, help="extra config overrides for every method")
     args = parser.parse_args()
@@ -212,6 +252,12 @@ def main() -> None:
     print("| detector | method | CPU ms / step | CPU quartiles ms | CPU ratio | wall ms / step | wall ratio |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.plain_loss_only:
+            print("| detector | losses CPU ms, plain on | plain off | plain measure ms |\n|---|---|---|---|")
+            for detector in args.detectors:
+                if detector != "faster_rcnn":
+                    print(plain_cost_loss_only(detector, args, Path(tmp)), flush=True)
+            return
         for detector in args.detectors:
             for line in run_detector(detector, args, Path(tmp)):
                 print(line, flush=True)
