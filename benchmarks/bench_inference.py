@@ -4,11 +4,12 @@ The torchvision twin and the batches are ``bench_train_step.py``'s (imported, no
 the same images. Measured per case:
 
 - inference: ``model.eval()`` under ``torch.inference_mode()``, the images in one batch through transform,
-  backbone, head, anchors and post-processing (decode, top-k, batched NMS); images per second from the median
-  process CPU time of alternating repeats (one torch thread). ``--score-thresh`` is set on both (default
-  0.005): at random initialisation every score sits near the prior 0.01, so torchvision's 0.05 would leave post-processing nothing to do, while
-  0.005 sends each level's top 1,000 candidates through NMS, as a trained model's busy image does. Both keep
-  robustdet's ``model.detections_per_img`` (100) and must give the same detections (checked).
+  backbone, head, anchors and post-processing (decode, top-k, batched NMS); images per second from the
+  median process CPU time of alternating repeats (one torch thread). ``--score-thresh`` is set on both
+  (default 0.005): at random initialisation every score sits near the prior 0.01, so torchvision's 0.05
+  would leave post-processing nothing to do, while 0.005 sends each level's top 1,000 candidates through
+  NMS, as a trained model's busy image does. Both keep robustdet's ``model.detections_per_img`` (100) and
+  must give the same detections (checked).
 - peak memory of a training step (forward + backward): the peak resident set size (``ru_maxrss``) of a
   fresh subprocess per side that builds both models and the batch, then runs two steps of one side; reported
   as the rise of the peak above the resident size just before the first step (the setup is identical on
