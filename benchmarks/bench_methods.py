@@ -172,7 +172,7 @@ def run_detector(detector: str, args: argparse.Namespace, tmp: Path) -> list[str
         wall = statistics.median(t[0] for t in times[name])
         cpus = [t[1] for t in times[name]]
         cpu = statistics.median(cpus)
-        q1, _, q3 = statistics.quantiles(cpus, n=4)
+        q1, _, q3 = statistics.quantiles(cpus, n=4) if len(cpus) > 1 else (cpu, cpu, cpu)
         lines.append(
             f"| {detector} | {name} | {cpu * 1e3:.0f} | {q1 * 1e3:.0f}-{q3 * 1e3:.0f} | {cpu / base_cpu:.3f} "
             f"| {wall * 1e3:.0f} | {wall / base_wall:.3f} |"
