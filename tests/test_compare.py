@@ -17,7 +17,7 @@ from robustdet.compare import (
     paired_difference,
     t_interval,
 )
-from robustdet.config import Config, ConfigError, config_to_yaml
+from robustdet.config import Config, ConfigError, config_from_dict, config_to_yaml
 from robustdet.plots.compare_figures import plot_comparison
 
 T_975_DF2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom (tables: 4.303)
@@ -169,9 +169,7 @@ def test_plots_on_made_up_runs(tmp_path):
 
 def _fake_run_dir(path, seed, weighting, ap, max_iter=1000):
     path.mkdir()
-    cfg = Config(seed=seed)
-    cfg.weighting.name = weighting
-    cfg.train.max_iter = max_iter
+    cfg = config_from_dict({"seed": seed, "weighting": {"name": weighting}, "train": {"max_iter": max_iter}})
     (path / "config.yaml").write_text(config_to_yaml(cfg))
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
     (path / "metrics.json").write_text(json.dumps({"bbox": {k: ap for k in names}, "iter": max_iter}))

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from robustdet.config import DataConfig, DatasetSource
-from robustdet.data import DatasetError, build_dataset
+from robustdet.data import DataConfig, DatasetError, build_dataset, parse_source
 from robustdet.data import headers as hdr
 
 
@@ -145,7 +144,7 @@ def test_build_dataset_reports_bad_headers_with_a_warm_cache(tmp_path: Path) -> 
         "categories": [{"id": 1, "name": "a"}],
     }
     (tmp_path / "ann.json").write_text(json.dumps(data))
-    source = DatasetSource(format="coco", path=str(tmp_path / "ann.json"), image_root=str(root))
+    source = parse_source({"format": "coco", "path": str(tmp_path / "ann.json"), "image_root": str(root)})
     cache_dir = tmp_path / "cache"
     assert len(build_dataset(source, DataConfig(), train=False, cache_dir=cache_dir)) == 4
     assert len(list(cache_dir.iterdir())) == 1

@@ -36,7 +36,7 @@ DETECTORS = {
     "retinanet": {},
     # the paper's two-fc box head and one anchor scale, as configs/faster_rcnn_synthetic.yaml
     "faster_rcnn": {"model.head_norm": "none", "model.anchor_scales": "[1.0]"},
-    "fcos": {},
+    "fcos": {"model.anchor_sizes": None},  # FCOS has regression ranges, not anchors
 }
 
 

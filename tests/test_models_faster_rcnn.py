@@ -244,10 +244,12 @@ def test_roi_levels_against_a_per_roi_reference() -> None:
 
 def test_roi_levels_are_the_poolers_fpn_mapping() -> None:
     model = build(tiny_cfg())
-    with pytest.raises(RuntimeError, match="pooler"):
-        model.roi_levels([torch.tensor([[0.0, 0.0, 10.0, 10.0]])])
+    # set from the pyramid's strides when the model is built, not by the pooler's first call
+    assert model.roi_heads.box_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
     images, targets = batch()
-    model(images, targets)  # sets up the pooler's level mapper
+    before = model.roi_levels([torch.tensor([[0.0, 0.0, 10.0, 10.0]])])
+    model(images, targets)
+    assert torch.equal(model.roi_levels([torch.tensor([[0.0, 0.0, 10.0, 10.0]])]), before)
     assert model.roi_heads.box_roi_pool.map_levels is not None
     side = torch.tensor([4.0, 20.0, 21.0, 41.0, 43.0, 83.0, 85.0, 300.0], dtype=torch.float64)
     boxes = torch.stack([torch.zeros_like(side), torch.zeros_like(side), side, side], dim=1)

@@ -122,7 +122,7 @@ def _config(name: str, weights: Path | None, extra: list[str] | tuple[str, ...] 
         f"model.score_thresh={SCORE}",
         f"model.nms_thresh={NMS}",
         f"model.detections_per_img={DETS}",
-        f"model.topk_candidates={TOPK}",
+        *([f"model.topk_candidates={TOPK}"] if name != "faster_rcnn" else []),  # a dense detectors' key
         *DETECTORS[name][2],
         *extra,
     ]

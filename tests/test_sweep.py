@@ -62,7 +62,7 @@ overrides: {{train.max_iter: 3, data.synthetic.cache_dir: {tmp_path}}}
 seeds: [0, 1]
 grid:
   method:
-    baseline: {{loss.bayesian: false, weighting.name: equal}}
+    baseline: {{loss.bayesian: false, weighting.name: avw}}
     bayesian+rlo: {{loss.bayesian: true, weighting.name: rlo}}
   weighting.interval: [10, 20]
 """)
@@ -153,8 +153,8 @@ def test_sweep_writes_cells_and_summary(swept):
         bbox = json.loads((cell / "metrics.json").read_text())["bbox"]
         assert {k: float(r[k]) for k in bbox} == pytest.approx(bbox, abs=1e-4)
         last = json.loads((cell / "log.jsonl").read_text().splitlines()[-1])
-        assert float(r["sigma_cls"]) == pytest.approx(math.exp(last["log_var_cls"] / 2), abs=1e-6)
-        assert float(r["sigma_reg"]) == pytest.approx(math.exp(last["log_var_reg"] / 2), abs=1e-6)
+        assert float(r["sigma_cls"]) == pytest.approx(math.exp(last["loss/log_var/cls"] / 2), abs=1e-6)
+        assert float(r["sigma_reg"]) == pytest.approx(math.exp(last["loss/log_var/reg"] / 2), abs=1e-6)
         assert r["status"] == "done" and float(r["wall_s"]) > 0 and r["resumed"] == "False"
         assert json.loads((cell / "cell.json").read_text())["labels"] == {
             "weighting.name": r["weighting.name"], "loss.bayesian": "true"}

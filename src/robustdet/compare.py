@@ -205,9 +205,29 @@ def _axis_labels(members: list[list[Run]]) -> list[dict[str, str]] | None:
     return out
 
 
+# sections that are one component each, keyed on the component's name: their other keys come with it
+_COMPONENT_KEYS = {"model.": "model.name", "weighting.": "weighting.name"}
+
+
 def _config_labels(members: list[list[Run]]) -> list[dict[str, str]]:
+    """The config keys in which the groups differ. A component's own keys (``weighting.interval``) are left
+    out where they only come and go with the component (equal has none, avw has its defaults): they
+    label groups only when groups of the same component differ in them."""
     configs = [g[0].config for g in members]
     keys = differing_keys(configs)
+
+    def follows_component(key: str) -> bool:
+        prefix = next((p for p in _COMPONENT_KEYS if key.startswith(p)), None)
+        if prefix is None or key == _COMPONENT_KEYS[prefix] or _COMPONENT_KEYS[prefix] not in keys:
+            return False
+        same_component: dict[str, set[str]] = {}
+        for c in configs:
+            same_component.setdefault(json.dumps(c.get(_COMPONENT_KEYS[prefix])), set()).add(
+                json.dumps(c.get(key, ABSENT), sort_keys=True)
+            )
+        return all(len(values) == 1 for values in same_component.values())
+
+    keys = [k for k in keys if not follows_component(k)]
     return [{k: value_text(c.get(k, ABSENT)) for k in keys} for c in configs]
 
 

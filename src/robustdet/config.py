@@ -329,16 +329,24 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     return merge_dicts(data, loaded)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, layers: list[list[str]] | None = None
+) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    ``layers``: further override lists laid on top one after the other, as a child file is laid over its
+    ``_base_``: a layer that switches a component drops the earlier layers' keys the new component does not
+    declare (a sweep's common ``weighting.interval`` for the cell that switches to ``weighting.name=equal``).
+    """
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
         data = _read_yaml(Path(path))
-    if overrides:
-        data = merge_dicts(data, parse_overrides(overrides))
-        source = f"{source} (with overrides)"
+    for layer in [overrides or [], *(layers or [])]:
+        if layer:
+            data = merge_dicts(data, parse_overrides(layer))
+            source = source if source.endswith("(with overrides)") else f"{source} (with overrides)"
     return config_from_dict(data, source)
 
 

@@ -236,11 +236,14 @@ def build_cells(spec: SweepSpec) -> list[Cell]:
     for seed in seeds:
         for levels in itertools.product(*(axis.levels for axis in spec.axes)):
             labels = {axis.name: lab for axis, (lab, _) in zip(spec.axes, levels, strict=True)}
-            overrides = base + [override_text(k, v) for _, o in levels for k, v in o.items()]
+            cell = [override_text(k, v) for _, o in levels for k, v in o.items()]
             if seed is not None:
-                overrides.append(f"seed={seed}")
+                cell.append(f"seed={seed}")
+            overrides = base + cell
             try:
-                cfg = load_config(spec.config, overrides)
+                # the cell's own keys over the common ones: a cell that switches the weighting drops the
+                # common keys the new one does not take (config.merge_dicts)
+                cfg = load_config(spec.config, base, layers=[cell])
             except ConfigError as exc:
                 where = " ".join(f"{k}={v}" for k, v in labels.items()) or "the cell"
                 raise ConfigError(f"cell {where}: {exc}") from None
