@@ -209,25 +209,27 @@ def _axis_labels(members: list[list[Run]]) -> list[dict[str, str]] | None:
 _COMPONENT_KEYS = {"model.": "model.name", "weighting.": "weighting.name"}
 
 
+def follows_component(key: str, keys: Sequence[str], configs: Sequence[dict[str, Any]]) -> bool:
+    """Whether ``key`` (a component's own setting, e.g. ``weighting.interval``) only comes and goes with the
+    component (equal has none, avw its defaults): its value is the same in every config of one component,
+    and the component's name is among the differing ``keys``."""
+    prefix = next((p for p in _COMPONENT_KEYS if key.startswith(p)), None)
+    if prefix is None or key == _COMPONENT_KEYS[prefix] or _COMPONENT_KEYS[prefix] not in keys:
+        return False
+    values: dict[str, set[str]] = {}
+    for c in configs:
+        values.setdefault(json.dumps(c.get(_COMPONENT_KEYS[prefix])), set()).add(
+            json.dumps(c.get(key, ABSENT), sort_keys=True)
+        )
+    return all(len(v) == 1 for v in values.values())
+
+
 def _config_labels(members: list[list[Run]]) -> list[dict[str, str]]:
-    """The config keys in which the groups differ. A component's own keys (``weighting.interval``) are left
-    out where they only come and go with the component (equal has none, avw has its defaults): they
-    label groups only when groups of the same component differ in them."""
+    """The config keys in which the groups differ, without the component settings that follow the
+    component (:func:`follows_component`)."""
     configs = [g[0].config for g in members]
     keys = differing_keys(configs)
-
-    def follows_component(key: str) -> bool:
-        prefix = next((p for p in _COMPONENT_KEYS if key.startswith(p)), None)
-        if prefix is None or key == _COMPONENT_KEYS[prefix] or _COMPONENT_KEYS[prefix] not in keys:
-            return False
-        same_component: dict[str, set[str]] = {}
-        for c in configs:
-            same_component.setdefault(json.dumps(c.get(_COMPONENT_KEYS[prefix])), set()).add(
-                json.dumps(c.get(key, ABSENT), sort_keys=True)
-            )
-        return all(len(values) == 1 for values in same_component.values())
-
-    keys = [k for k in keys if not follows_component(k)]
+    keys = [k for k in keys if not follows_component(k, keys, configs)]
     return [{k: value_text(c.get(k, ABSENT)) for k in keys} for c in configs]
 
 
@@ -248,8 +250,12 @@ def unintended_differences(groups: Sequence[Group], factors: Sequence[str]) -> d
     iterations): a difference in them would be read as the effect of the factors."""
     configs = [g.runs[0].config for g in groups]
     out = {}
-    for key in differing_keys(configs):
-        if not _matches(key, factors):
+    keys = differing_keys(configs)
+    for key in keys:
+        # a compared component's own settings come with it (interval with avw, none with equal)
+        section = key.split(".")[0] + "."
+        component_compared = section in _COMPONENT_KEYS and _matches(_COMPONENT_KEYS[section], factors)
+        if not _matches(key, factors) and not (component_compared and follows_component(key, keys, configs)):
             out[key] = list(dict.fromkeys(value_text(c.get(key, ABSENT)) for c in configs))
     return out
 
