@@ -38,6 +38,15 @@ RESUME: dict[str, object] = {
     "loss.bayesian": "true",
     "log.tensorboard": "false",
 }
+# the SIGKILL test runs over every weighting: RESUME with the weighting switched (None drops RESUME's key).
+# AVW and DWA take windows of 3, so that the checkpoints (every 2 iterations) fall inside a window too.
+WEIGHTING_RESUME: dict[str, dict[str, object]] = {
+    "equal": {"weighting.name": "equal", "weighting.interval": None},
+    "avw": {"weighting.name": "avw", "weighting.interval": 3},
+    "rlo": {},
+    "uw": {"weighting.name": "uw", "weighting.interval": None},
+    "dwa": {"weighting.name": "dwa", "weighting.interval": 3},
+}
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -56,7 +65,8 @@ def assert_same_run(run: Path, ref: Path) -> None:
         if key != "config":  # data.num_workers may differ between the pieces of a run
             assert same_state(a[key], b[key]), key
     assert any("log_variances" in k for k in b["model"])
-    assert b["weighting"]["_extra_state"]["probabilities"] == a["weighting"]["_extra_state"]["probabilities"]
+    if "probabilities" in a["weighting"].get("_extra_state", {}):  # RLO
+        assert b["weighting"]["_extra_state"]["probabilities"] == a["weighting"]["_extra_state"]["probabilities"]
     assert _records(run / "log.jsonl") == _records(ref / "log.jsonl")
     assert [r for r in _records(run / "events.jsonl") if r["event"] != "resumed"] == _records(ref / "events.jsonl")
     assert _records(run / "eval.jsonl") == _records(ref / "eval.jsonl")
@@ -116,27 +126,49 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return data, ref
 
 
+@pytest.fixture(scope="module")
+def weighting_reference(reference: tuple[Path, Path]) -> Callable[[str], Path]:
+    """The uninterrupted run of each weighting (RLO's is ``reference``), made on first use in its data folder."""
+    data, rlo = reference
+    runs = {"rlo": rlo}
+
+    def get(weighting: str) -> Path:
+        if weighting not in runs:
+            ref = data / f"reference_{weighting}"
+            assert main(_argv(data, ref, WEIGHTING_RESUME[weighting])) == 0
+            runs[weighting] = ref
+        return runs[weighting]
+
+    return get
+
+
 # ----------------------------------------------------------------------------------- exact resume
-def test_sigkill_anywhere_then_resume_is_bitwise_exact(reference: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("weighting", list(WEIGHTING_RESUME))
+def test_sigkill_anywhere_then_resume_is_bitwise_exact(
+    weighting: str, reference: tuple[Path, Path], weighting_reference: Callable[[str], Path]
+) -> None:
     """SIGKILL twice at random moments (the first run with a data worker), once in the middle of a
-    checkpoint write, then --resume: the same weights, weighting state, log-variances, logs and metrics."""
-    data, ref = reference
-    run = data / "killed"
+    checkpoint write, then --resume: the same weights, weighting state, log-variances, logs and metrics,
+    for every weighting (the window buffer mid-window for AVW and DWA; UW's u through the optimizer)."""
+    data = reference[0]
+    ref = weighting_reference(weighting)
+    extra = WEIGHTING_RESUME[weighting]
+    run = data / f"killed_{weighting}"
     rng = random.Random(20240601)
 
-    first = _spawn(data, run, {"data.num_workers": 1})
+    first = _spawn(data, run, {**extra, "data.num_workers": 1})
     _wait("iteration 3", lambda: _logged(run) >= 3, first)  # the checkpoint of iteration 2 is complete
     time.sleep(rng.uniform(0.0, 0.4))
     _kill(first)
 
     target = min(_logged(run) + 2, 7)
-    second = _spawn(data, run, None, "--resume")
+    second = _spawn(data, run, extra, "--resume")
     _wait(f"iteration {target}", lambda: _logged(run) >= target, second)
     time.sleep(rng.uniform(0.0, 0.4))
     _kill(second)
 
     # the next checkpoint write sleeps between its complete temporary file and the renames
-    third = _spawn(data, run, None, "--resume", env={TEST_DELAY_ENV: "60"})
+    third = _spawn(data, run, extra, "--resume", env={TEST_DELAY_ENV: "60"})
     tmp = run / "checkpoints" / f".last.pt.tmp-{third.pid}"  # (an earlier kill may have left its own)
     _wait("a checkpoint write", tmp.exists, third)
     time.sleep(rng.uniform(0.0, 0.2))
@@ -145,8 +177,14 @@ def test_sigkill_anywhere_then_resume_is_bitwise_exact(reference: tuple[Path, Pa
     ckpt = run / "checkpoints"
     load_checkpoint(ckpt / "last.pt")  # still the complete previous one
 
-    assert main(_argv(data, run, None, "--resume")) == 0
+    assert main(_argv(data, run, extra, "--resume")) == 0
     assert_same_run(run, ref)
+    # the weighting did something the resume had to carry over
+    weights = load_checkpoint(ref / "checkpoints" / "last.pt")["weighting"]["weights"]
+    assert (weights == 1).all() if weighting == "equal" else not (weights == 1).all()
+    if weighting in ("avw", "dwa"):  # some checkpoint was taken mid-window (iterations 2, 4 and 8 of windows of 3)
+        positions = {load_checkpoint(p)["weighting"]["_extra_state"]["position"] for p in ckpt.glob("*.pt")}
+        assert positions - {0}, positions
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(reference: tuple[Path, Path], capsys) -> None:
