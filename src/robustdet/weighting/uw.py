@@ -40,9 +40,9 @@ class UncertaintyWeighting(LevelWeighting):
     ``combine`` returns Σ_i ½·exp(−u_i)·L_i + ½·u_i; gradients reach both the detector (through L_i) and
     the u_i. ``weights`` holds the detached ½·exp(−u_i) as of the last ``step`` (or construction): the
     weights the next ``combine`` uses, which the engine logs for that iteration. It measures nothing over
-    windows, so ``step`` only checks its input and refreshes the weights after the optimizer moved u. Under ``torch.distributed`` the u_i are not part of the DDP
-    model: the engine averages their gradients over the ranks (``distributed.average_gradients``) so that
-    every rank keeps the same u.
+    windows, so ``step`` only checks its input and refreshes the weights after the optimizer moved u.
+    Under ``torch.distributed`` the u_i are not part of the DDP model: the engine averages their gradients
+    over the ranks (``distributed.average_gradients``) so that every rank keeps the same u.
     """
 
     section = UWConfig
