@@ -11,9 +11,9 @@ the Bayesian form, or between the box losses, themselves:
 | "box"   | ``loss.box_loss``: L1, smooth L1 (Eq. 6) on  | Bayesian smooth L1 (Eq. 14) on deltas, summed over  |
 |         | deltas, or GIoU on boxes; summed per row     | the last dimension                                 |
 
-(Khanzhina et al.'s equation numbers.) Every call also returns the *plain* loss at σ = 1, detached: the
-measure that the multi-scale weightings take of each level when the loss is Bayesian (equations.md,
-"Bayesian losses with AVW / RLO"). For the focal loss it comes out of the same pass.
+(Khanzhina et al.'s equation numbers.) A Bayesian call also returns the *plain* loss at σ = 1,
+detached: the measure that the multi-scale weightings take of each level (equations.md, "Bayesian losses
+with AVW / RLO"). For the focal loss it comes out of the same pass; a plain call returns None for it.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ GIOU_EPS = 1e-7  # torchvision's _box_loss default, kept so that the GIoU loss m
 
 
 class TaskLoss(NamedTuple):
-    """``value``: the loss to train on (with gradient); ``plain``: the same at σ = 1, detached."""
+    """``value``: the loss to train on (with gradient); ``plain``: the same at σ = 1, detached, when the loss
+    is Bayesian (None when it is plain: it would be ``value`` itself, and nobody needs a second copy)."""
 
     value: Tensor
-    plain: Tensor
+    plain: Tensor | None
 
 
 def box_beta(loss: LossConfig) -> float:
@@ -58,18 +59,15 @@ def task_loss(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor | No
     """
     if kind == "focal":
         if log_var is None:
-            value = sigmoid_focal_loss(pred, target, alpha=loss.focal_alpha, gamma=loss.focal_gamma)
-            return TaskLoss(value, value.detach())
+            return TaskLoss(sigmoid_focal_loss(pred, target, alpha=loss.focal_alpha, gamma=loss.focal_gamma), None)
         return TaskLoss(*bayesian_focal_loss_and_plain(pred, target, log_var, loss.focal_alpha, loss.focal_gamma))
     if kind == "bce":
         if log_var is None:
-            value = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
-            return TaskLoss(value, value.detach())
+            return TaskLoss(F.binary_cross_entropy_with_logits(pred, target, reduction="none"), None)
         return TaskLoss(*bayesian_focal_loss_and_plain(pred, target, log_var, alpha=-1.0, gamma=0.0))
     if kind == "ce":
         if log_var is None:
-            value = F.cross_entropy(pred, target, reduction="none")
-            return TaskLoss(value, value.detach())
+            return TaskLoss(F.cross_entropy(pred, target, reduction="none"), None)
         value = bayesian_cross_entropy(pred, target, log_var)
         with torch.no_grad():
             plain = F.cross_entropy(pred, target, reduction="none")
@@ -79,11 +77,10 @@ def task_loss(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor | No
             value = generalized_box_iou_loss(
                 pred.reshape(-1, 4), target.reshape(-1, 4), reduction="none", eps=GIOU_EPS
             ).view(pred.shape[:-1])
-            return TaskLoss(value, value.detach())
+            return TaskLoss(value, None)  # no Bayesian form: never called with a log-variance
         beta = box_beta(loss)
         if log_var is None:
-            value = smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=-1)
-            return TaskLoss(value, value.detach())
+            return TaskLoss(smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=-1), None)
         value = bayesian_smooth_l1_loss(pred, target, log_var, beta=beta, reduction="none").sum(dim=-1)
         with torch.no_grad():
             plain = smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=-1)

@@ -119,8 +119,10 @@ class DenseDetector(Detector):
             t = torch.zeros_like(x).scatter_(1, lab[:, None], fg[:, None].to(x.dtype))
             part = task_loss("focal", x, t, log_var, self.loss_cfg)
             values.append(part.value.sum(dim=1))
-            plains.append(part.plain.sum(dim=1))
-        return TaskLoss(torch.cat(values).view(batch, num_anchors), torch.cat(plains).view(batch, num_anchors))
+            if part.plain is not None:
+                plains.append(part.plain.sum(dim=1))
+        plain = torch.cat(plains).view(batch, num_anchors) if plains else None
+        return TaskLoss(torch.cat(values).view(batch, num_anchors), plain)
 
     def box_loss(
         self, regression: Tensor, anchors: Tensor, matched_boxes: Tensor, target: Tensor | None = None
@@ -147,7 +149,8 @@ class DenseDetector(Detector):
         levels = {name: levels_of(p.value, name) for name, p in parts.items()}
         plain = None
         if self.log_variances is not None:
-            plain = sum(levels_of(p.plain, name) for name, p in parts.items())
+            # a part without a Bayesian form (FCOS's centerness) is its own plain measure
+            plain = sum(levels_of(p.value if p.plain is None else p.plain, name) for name, p in parts.items())
             assert isinstance(plain, Tensor)
         total = sum(levels.values())
         assert isinstance(total, Tensor)
@@ -162,7 +165,8 @@ class DenseDetector(Detector):
 
 def masked(loss: TaskLoss, mask: Tensor) -> TaskLoss:
     """``loss`` where ``mask`` holds, 0 elsewhere (value and plain alike)."""
-    return TaskLoss(torch.where(mask, loss.value, 0.0), torch.where(mask, loss.plain, 0.0))
+    plain = None if loss.plain is None else torch.where(mask, loss.plain, 0.0)
+    return TaskLoss(torch.where(mask, loss.value, 0.0), plain)
 
 
 __all__ = ["CPU_CHUNK_ELEMENTS", "DenseDetector", "DenseSection", "masked"]

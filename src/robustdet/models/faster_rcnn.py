@@ -220,7 +220,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
             extra_loss=rpn_cls.sum() + rpn_reg.sum(),
             extra_components={"rpn_cls": rpn_cls.detach(), "rpn_reg": rpn_reg.detach()},
             extra_level_names=list(self.rpn_level_names),
-            plain_level_losses=roi_plain if self.log_variances is not None else None,
+            plain_level_losses=roi_plain,
         )
 
     def batch_anchors(self, image_list: ImageList, features: list[Tensor]) -> list[Tensor]:
@@ -267,7 +267,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]],
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """torchvision's ``RoIHeads.forward`` (training, boxes only) with per-level losses (and plain total)."""
         heads = self.roi_heads
         proposals, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
@@ -360,9 +360,9 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         labels: list[Tensor],
         regression_targets: list[Tensor],
         levels: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Box-head classification and regression losses per RoI level (roi_cls, roi_reg), each [4], and
-        their plain (σ = 1, detached) sum per level, the weightings' measure when Bayesian.
+        their plain (σ = 1, detached) sum per level, the weightings' measure when Bayesian (else None).
 
         ``class_logits`` [R, C+1], ``box_regression`` [R, 4·(C+1)] for the R sampled RoIs of the batch,
         ``labels`` per image (0 = background, 1..C), ``regression_targets`` per image [R_b, 4] (weights
@@ -381,6 +381,8 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         num_levels = len(self.level_names)
         cls_levels = cfg.cls_weight * sum_by_level(cls.value, levels, num_levels) / num_rois
         reg_levels = sum_by_level(reg.value, levels[pos], num_levels) / num_rois
+        if cls.plain is None or reg.plain is None:  # plain losses are their own measure
+            return cls_levels, reg_levels, None
         plain_cls = cfg.cls_weight * sum_by_level(cls.plain, levels, num_levels)
         plain = (plain_cls + sum_by_level(reg.plain, levels[pos], num_levels)) / num_rois
         return cls_levels, reg_levels, plain

@@ -278,7 +278,7 @@ class PerLevelFCOS(DenseDetector, FCOS):
         # gradient (p − target) would otherwise carry the NaN through the mask
         ctr_target = torch.where(foreground, ctr_target, 0.0)
         ctr_point = nn.functional.binary_cross_entropy_with_logits(ctr_logits, ctr_target, reduction="none")
-        ctr = masked(TaskLoss(ctr_point, ctr_point.detach()), foreground)
+        ctr = masked(TaskLoss(ctr_point, None), foreground)
         return self.level_output({"cls": cls, "reg": reg, "ctr": ctr}, counts, foreground.sum(dim=1))
 
 
