@@ -9,13 +9,12 @@ checkpoint's state, so a resumed run keeps comparing against the same number.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from robustdet.files import fsync_dir
+from robustdet.files import write_atomic
 
 BEST = "best.pt"
 
@@ -50,18 +49,5 @@ class BestTracker:
 
 
 def save_best(state: dict[str, Any], ckpt_dir: Path) -> Path:
-    """Write ``state`` as ``ckpt_dir/best.pt`` through a flushed temporary file, never half-written."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / BEST
-    tmp = ckpt_dir / f".{BEST}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(ckpt_dir)
-    return path
+    """Write ``state`` as ``ckpt_dir/best.pt`` with the one atomic writer: never half-written."""
+    return write_atomic(ckpt_dir / BEST, lambda f: torch.save(state, f))
