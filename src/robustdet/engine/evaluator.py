@@ -77,7 +77,7 @@ def to_coco_results(
         ]
 
 
-def _run_cocoeval(coco_gt: Any, results: list[dict[str, Any]], image_ids: list[int], backend: EvalBackend) -> Any:
+def run_cocoeval(coco_gt: Any, results: list[dict[str, Any]], image_ids: list[int], backend: EvalBackend) -> Any:
     """A bbox COCOeval after ``summarize()``: ``stats``, ``eval["precision"]`` and ``params.catIds`` filled."""
     if backend == "faster":
         from faster_coco_eval import COCO, COCOeval_faster
@@ -125,7 +125,7 @@ def coco_evaluate(
         metrics["per_class"] = dict.fromkeys(names.values(), 0.0)
         return metrics
     with _gc_paused():
-        ev = _run_cocoeval(coco_gt, results, image_ids, backend)
+        ev = run_cocoeval(coco_gt, results, image_ids, backend)
     # COCOeval writes -1 where there is nothing to measure (e.g. no small objects): report 0 there
     metrics["bbox"] = {k: float(max(v, 0.0) * 100) for k, v in zip(METRIC_NAMES, ev.stats, strict=True)}
     precision = ev.eval["precision"]  # [T IoU, R recall, K classes, A areas, M maxDets]

@@ -10,7 +10,6 @@ A areas, M maxDets], -1 where a class has no ground truth); the confusion matrix
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from pycocotools.cocoeval import COCOeval
-from torchvision.ops import box_iou
+from torchvision.ops import box_convert, box_iou
+
+from robustdet.engine.evaluator import run_cocoeval
 
 # Above this many classes the PR plot draws thin grey lines without a legend, and the confusion matrix
 # has no numbers in its cells (Ultralytics draws the same way: a legend of 80 names hides the curves).
@@ -34,12 +34,9 @@ def coco_precision(
     coco_gt: Any, results: list[dict[str, Any]], image_ids: list[int]
 ) -> tuple[np.ndarray, list[int]]:
     """``COCOeval.eval["precision"]`` of bbox ``results`` against ``coco_gt`` on ``image_ids``, and the
-    category ids of its K axis. Shape [10 IoU 0.50:0.05:0.95, 101 recall points, K, 4 areas, 3 maxDets]."""
-    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints a page per step
-        ev = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
-        ev.params.imgIds = sorted(image_ids)
-        ev.evaluate()
-        ev.accumulate()
+    category ids of its K axis. Shape [10 IoU 0.50:0.05:0.95, 101 recall points, K, 4 areas, 3 maxDets].
+    The evaluator's own COCOeval run (pycocotools: the reference)."""
+    ev = run_cocoeval(coco_gt, results, image_ids, "pycocotools")
     return np.asarray(ev.eval["precision"]), [int(c) for c in ev.params.catIds]
 
 
@@ -138,8 +135,7 @@ def confusion_matrix(
 
 
 def _xyxy(xywh: list[list[float]]) -> torch.Tensor:
-    b = torch.as_tensor(xywh, dtype=torch.float64).reshape(-1, 4)
-    return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1)
+    return box_convert(torch.as_tensor(xywh, dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
 
 
 def plot_confusion_matrix(path: Path, counts: np.ndarray, names: list[str], score_thresh: float) -> Path:
