@@ -1,5 +1,5 @@
 """``robustdet sweep``: the grid, the sweep file, cell names, --dry-run, a 2 x 2 x 1 sweep through the CLI
-(summary.csv, compare), and resuming a sweep whose cells were cut short."""
+(summary.csv, compare), resuming a sweep whose cells were cut short, and sweep processes sharing a directory."""
 
 import csv
 import json
@@ -245,3 +245,56 @@ def test_a_diverged_cell_is_recorded_and_the_rest_still_run(tmp_path, monkeypatc
     assert json.loads((out / NAMES[1] / "cell.json").read_text())["error"] == "non-finite loss at iteration 3"
     assert main(argv) == 2  # a rerun does not retry them, and says so
     assert f"{NAMES[1]}: diverged in an earlier sweep, skipped" in capsys.readouterr().out
+
+
+def _fake_trainer(monkeypatch, trained: list[str]):
+    from robustdet.engine import trainer
+
+    class FakeTrainer:  # the sweep's bookkeeping only: every cell "finishes" at once
+        def __init__(self, cfg, out_dir, resume=False, console=None):
+            self.cfg, self.out = cfg, out_dir
+
+        def train(self):
+            trained.append(self.out.name)
+            (self.out / "config.yaml").write_text(trainer.config_to_yaml(self.cfg))
+            (self.out / "metrics.json").write_text(json.dumps({"bbox": dict.fromkeys(METRIC_NAMES, 1.0)}))
+            return {}
+
+    monkeypatch.setattr(trainer, "Trainer", FakeTrainer)
+
+
+def test_a_cell_another_sweep_process_holds_is_left_to_it(tmp_path, monkeypatch, capsys):
+    from robustdet.sweep import claimed
+
+    trained: list[str] = []
+    _fake_trainer(monkeypatch, trained)
+    out = tmp_path / "sweep"
+    argv = ["sweep", CONFIG, *GRID, "--out", str(out), f"data.synthetic.cache_dir={tmp_path}"]
+    # a second open file holding the lock is what another process would hold (flock is per open file)
+    with claimed(out / NAMES[2]) as mine:
+        assert mine
+        assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert f"[sweep 3/4] {NAMES[2]}: running in another sweep process, skipped" in log
+    assert "1 cells were left to the other sweep processes" in log
+    assert trained == [NAMES[0], NAMES[1], NAMES[3]]
+    assert [r["cell"] for r in _rows(out)] == [NAMES[0], NAMES[1], NAMES[3]]
+    # the holder is gone (its lock went with it): the next sweep takes the cell, and only that one
+    assert main(argv) == 0
+    assert trained[3:] == [NAMES[2]]
+    assert [r["cell"] for r in _rows(out)] == NAMES
+
+
+def test_sweep_jobs_trains_each_cell_once_in_parallel_processes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", CONFIG, "--grid", "weighting.name=equal,avw", "--grid", "loss.bayesian=true", "--seeds", "0,1",
+            "--out", str(out), "--jobs", "2", *_tiny(tmp_path)]
+    assert main(argv) == 0
+    assert "2 sweep processes, 1 threads each" in capsys.readouterr().out
+    assert [(r["cell"], r["status"]) for r in _rows(out)] == [(n, "done") for n in NAMES]
+    logs = [(out / "jobs" / f"job{k}.log").read_text() for k in (0, 1)]
+    for name in NAMES:  # trained by exactly one of the two processes, never resumed
+        assert sum(log.count(f"{name}: training") for log in logs) == 1, name
+        assert json.loads((out / name / "cell.json").read_text())["resumed"] is False
+    assert main([*argv[:-len(_tiny(tmp_path)) - 2], "--jobs", "0", *_tiny(tmp_path)]) == 2
+    assert "--jobs 0: must be at least 1" in capsys.readouterr().err

@@ -143,6 +143,45 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class SweepFailed(RuntimeError):
+    """A process of ``sweep --jobs`` ended with an error; its log says which."""
+
+
+def _sweep_jobs(args: argparse.Namespace, cells: list, out: Path) -> list[str]:
+    """``--jobs N``: N sweep processes on one directory, each training the next cell nobody holds
+    (``sweep.claimed``), each with its share of the cores (OMP_NUM_THREADS) and its log in OUT/jobs/."""
+    import subprocess
+
+    from robustdet.sweep import cell_state, write_summary
+
+    cmd = [sys.executable, "-m", "robustdet", "sweep", args.config, *args.overrides, "--out", str(out)]
+    for g in args.grid:
+        cmd += ["--grid", g]
+    if args.seeds is not None:
+        cmd += ["--seeds", args.seeds]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    logs = out / "jobs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for k in range(args.jobs):
+        with open(logs / f"job{k}.log", "a") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+    print(f"{args.jobs} sweep processes, {env['OMP_NUM_THREADS']} threads each; their output: {logs}/job*.log")
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # the cells resume from their checkpoints on the next run
+        for p in procs:
+            p.terminate()
+        raise
+    write_summary(out, cells)
+    diverged = [c.name for c in cells if cell_state(out / c.name) == "diverged"]
+    failed = [k for k, rc in enumerate(codes) if rc != 0]
+    if failed and not diverged:  # a diverged cell alone makes its process exit non-zero; reported below
+        raise SweepFailed(f"sweep processes {failed} failed; see {logs}/job{failed[0]}.log")
+    return diverged
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from robustdet.engine.trainer import TrainingDiverged
     from robustdet.sweep import build_cells, plan_text, run_sweep, spec_from_args
@@ -153,7 +192,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan_text(spec, cells, out))
         return 0
-    diverged = run_sweep(spec, cells, out)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: must be at least 1")
+    diverged = _sweep_jobs(args, cells, out) if args.jobs > 1 else run_sweep(spec, cells, out)
     print(f"sweep directory: {out}  (summary.csv; compare with: robustdet compare {out})")
     if diverged:
         raise TrainingDiverged(f"{out}: {len(diverged)} cells diverged ({', '.join(diverged)}); see their events.jsonl")
@@ -214,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", metavar="0,1,2", help="the seeds (default: the sweep file's, else the config's)")
     p.add_argument("--out", required=True, help="the sweep directory: one folder per cell, summary.csv")
     p.add_argument("--dry-run", action="store_true", help="list the cells and iterations; train nothing")
+    p.add_argument(
+        "--jobs", type=int, default=1, metavar="N",
+        help="train N cells at a time, in N processes sharing the cores (default 1)",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("eval", help="COCO-evaluate a checkpoint on its config's data.val (or another dataset)")
@@ -290,7 +335,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from robustdet.engine.trainer import DistributedFailure, TrainingDiverged
 
     return (
-        ConfigError, DatasetError, CheckpointError, TrainingDiverged, DistributedFailure, FileNotFoundError, ExportError
+        ConfigError, DatasetError, CheckpointError, TrainingDiverged, DistributedFailure, FileNotFoundError,
+        ExportError, SweepFailed,
     )
 
 

@@ -11,13 +11,18 @@ See docs/experiments.md.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import io
 import itertools
 import json
 import os
 import re
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,6 +32,7 @@ import yaml
 from robustdet.compare import final_sigmas, last_log_record, result_config, value_text, yaml_inline
 from robustdet.config import Config, ConfigError, load_config
 from robustdet.engine.evaluator import METRIC_NAMES
+from robustdet.files import write_json_atomic, write_text_atomic
 
 SWEEP_KEYS = ("config", "overrides", "seeds", "grid")
 
@@ -284,10 +290,27 @@ def _cell_info(cell_dir: Path) -> dict[str, Any]:
         return {}  # cut by a kill: rewritten when the cell runs
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def claimed(cell_dir: Path) -> Iterator[bool]:
+    """Hold the cell for this process while the block runs; yields False when another process holds it.
+
+    An exclusive ``flock`` on ``cell_dir/.claim``: several sweep processes on one directory (``--jobs N``,
+    or one per terminal) each train the next cell nobody holds, never the same one. The kernel drops the
+    lock when its process ends, however it ends, so a killed sweep leaves no stale claim to clean up.
+    """
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cell_dir / ".claim", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())  # who holds it, for a person
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_cell_config(cell: Cell, cell_dir: Path) -> None:
@@ -376,58 +399,71 @@ def write_summary(out: Path, cells: list[Cell]) -> Path:
     axes = list(dict.fromkeys(k for c in cells for k in c.labels))
     sigmas = list(dict.fromkeys(k for r in rows for k in r if k.startswith("sigma_")))
     fields = ["cell", *axes, "seed", "status", *METRIC_NAMES, *sigmas, "wall_s", "resumed"]
-    path = out / "summary.csv"
-    tmp = path.with_name(".summary.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    # every sweep process on the directory rewrites it; each from the cells' own files, so the last is whole
+    return write_text_atomic(out / "summary.csv", text.getvalue())
 
 
 def run_sweep(spec: SweepSpec, cells: list[Cell], out: Path, console: TextIO | None = None) -> list[str]:
-    """Train every cell that is not done; return the names of cells that diverged (recorded, not retried)."""
-    from robustdet.engine.trainer import Trainer, TrainingDiverged
-
+    """Train every cell that is not done and that no other sweep process holds (``claimed``); return the
+    names of the cells that diverged (recorded, not retried), in this process or an earlier one."""
     console = console if console is not None else sys.stdout
-    states = {c.name: cell_state(out / c.name) for c in cells}
     for c in cells:  # every folder checked before the first cell trains
         check_cell_config(c, out / c.name)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "sweep.yaml", yaml.safe_dump(_spec_record(spec), sort_keys=False))
+    write_text_atomic(out / "sweep.yaml", yaml.safe_dump(_spec_record(spec), sort_keys=False))
     write_summary(out, cells)
     keys = grid_keys(spec)
-    diverged = [c.name for c in cells if states[c.name] == "diverged"]
+    elsewhere: list[str] = []
     for i, c in enumerate(cells, 1):
         d = out / c.name
-        state = states[c.name]
         head = f"[sweep {i}/{len(cells)}] {c.name}"
-        if state == "done":
-            print(f"{head}: done, skipped", file=console, flush=True)
+        if _skipped(d, head, console):  # before claiming: a finished cell's folder stays as it is
             continue
-        if state == "diverged":
-            print(f"{head}: diverged in an earlier sweep, skipped (delete {d} to try again)", file=console, flush=True)
-            continue
-        print(f"{head}: {'resuming' if state == 'resume' else 'training'}", file=console, flush=True)
-        d.mkdir(parents=True, exist_ok=True)
-        info = {"name": c.name, "labels": c.labels, "seed": c.seed, "grid_keys": keys, "overrides": c.overrides,
-                "status": "running", "resumed": state == "resume"}
-        _write_atomic(d / "cell.json", json.dumps(info, indent=2) + "\n")
-        t0 = time.perf_counter()
-        try:
-            Trainer(c.cfg, d, resume=state == "resume", console=console).train()
-        except TrainingDiverged as exc:
-            info.update(status="diverged", error=str(exc), wall_s=time.perf_counter() - t0)
-            _write_atomic(d / "cell.json", json.dumps(info, indent=2) + "\n")
-            print(f"{head}: diverged: {exc}", file=console, flush=True)
-            diverged.append(c.name)
+        with claimed(d) as mine:
+            if not mine:
+                print(f"{head}: running in another sweep process, skipped", file=console, flush=True)
+                elsewhere.append(c.name)
+                continue
+            if _skipped(d, head, console):  # again under the claim: another process may have finished it
+                continue
+            _train_cell(c, d, keys, head, console)
             write_summary(out, cells)
-            continue
-        info.update(status="done", wall_s=time.perf_counter() - t0)
-        _write_atomic(d / "cell.json", json.dumps(info, indent=2) + "\n")
-        write_summary(out, cells)
-    return diverged
+    if elsewhere:
+        print(f"{len(elsewhere)} cells were left to the other sweep processes on {out}", file=console, flush=True)
+    return [c.name for c in cells if cell_state(out / c.name) == "diverged"]
+
+
+def _skipped(d: Path, head: str, console: TextIO) -> bool:
+    state = cell_state(d)
+    if state == "done":
+        print(f"{head}: done, skipped", file=console, flush=True)
+    elif state == "diverged":
+        print(f"{head}: diverged in an earlier sweep, skipped (delete {d} to try again)", file=console, flush=True)
+    return state in ("done", "diverged")
+
+
+def _train_cell(c: Cell, d: Path, keys: list[str], head: str, console: TextIO) -> None:
+    from robustdet.engine.trainer import Trainer, TrainingDiverged
+
+    state = cell_state(d)
+    print(f"{head}: {'resuming' if state == 'resume' else 'training'}", file=console, flush=True)
+    info = {"name": c.name, "labels": c.labels, "seed": c.seed, "grid_keys": keys, "overrides": c.overrides,
+            "status": "running", "resumed": state == "resume"}
+    write_json_atomic(d / "cell.json", info)
+    t0 = time.perf_counter()
+    try:
+        Trainer(c.cfg, d, resume=state == "resume", console=console).train()
+    except TrainingDiverged as exc:
+        info.update(status="diverged", error=str(exc), wall_s=time.perf_counter() - t0)
+        write_json_atomic(d / "cell.json", info)
+        print(f"{head}: diverged: {exc}", file=console, flush=True)
+        return
+    info.update(status="done", wall_s=time.perf_counter() - t0)
+    write_json_atomic(d / "cell.json", info)
 
 
 def _spec_record(spec: SweepSpec) -> dict[str, Any]:
