@@ -81,7 +81,7 @@ grid:
 
 
 def test_issue10_sweep_file_is_the_whole_experiment():
-    spec = load_sweep_file(REPO / "configs" / "sweeps" / "issue10.yaml")
+    spec = load_sweep_file(REPO / "experiments" / "noise" / "grid.yaml")
     assert spec.seeds == [0, 1, 2]
     assert [(a.name, [lab for lab, _ in a.levels]) for a in spec.axes] == [
         ("method", ["baseline", "bayesian", "avw", "rlo", "bayesian+rlo", "uw", "dwa"]),

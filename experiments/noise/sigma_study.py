@@ -1,0 +1,142 @@
+"""σ against label noise (issue 10, part 4): does Bayesian RetinaNet's learned σ track the noise?
+
+Reads the cells of the σ sweep (``experiments/noise/sigma.yaml``: Bayesian RetinaNet, box jitter alone at
+5 levels and class flips alone at 5 levels, 2 seeds), takes each cell's noise from its own
+``config.yaml`` (``data.train.label_noise``) and its final σ = exp(s/2) from ``log.jsonl``, and writes
+
+- ``OUT/sigma.csv``: one row per run (kind, level, seed, σ_cls, σ_reg, and how far s still moved over the
+  last quarter of training, the convergence check);
+- ``OUT/sigma_vs_noise.png``: σ_reg against box jitter, σ_cls against class flips;
+- ``OUT/log_var_trajectories.png``: s_cls and s_reg against iteration for every run;
+
+and prints Spearman's rank correlation (scipy.stats.spearmanr) with its two-sided p-value for the four
+pairings (the two the question is about, and the two crossed ones as controls).
+
+    .venv/bin/python experiments/noise/sigma_study.py runs/noise/sigma --out experiments/noise
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from robustdet.files import read_jsonl  # noqa: E402
+
+TASKS = ("cls", "reg")
+KINDS = {"box_jitter": "reg", "class_flip": "cls"}  # the noise kind and the task whose σ should follow it
+
+
+def load_cell(cell: Path) -> dict | None:
+    """A finished cell's noise, seed, final σ's and s trajectories; None while it has not finished."""
+    if not (cell / "metrics.json").exists():
+        return None
+    cfg = yaml.safe_load((cell / "config.yaml").read_text())
+    noise = cfg["data"]["train"].get("label_noise") or {}
+    jitter, flip = float(noise.get("box_jitter", 0.0)), float(noise.get("class_flip", 0.0))
+    if jitter and flip:
+        raise SystemExit(f"{cell}: both box jitter and class flips: this study varies one at a time")
+    records = [r for r in read_jsonl(cell / "log.jsonl") if "loss/log_var/cls" in r]
+    iters = [r["iter"] for r in records]
+    s = {t: [r[f"loss/log_var/{t}"] for r in records] for t in TASKS}
+    quarter = next(i for i, it in enumerate(iters) if it >= 0.75 * iters[-1])
+    return {
+        "cell": cell.name,
+        "kind": "box_jitter" if jitter else "class_flip" if flip else "clean",
+        "level": jitter or flip,
+        "seed": cfg["seed"],
+        **{f"sigma_{t}": math.exp(s[t][-1] / 2) for t in TASKS},
+        **{f"s_{t}_last_quarter_change": s[t][-1] - s[t][quarter] for t in TASKS},
+        **{f"s_{t}_max_abs_last_quarter": max(abs(v - s[t][-1]) for v in s[t][quarter:]) for t in TASKS},
+        "iters": iters,
+        "s": s,
+    }
+
+
+def spearman(runs: list[dict], kind: str, task: str) -> tuple[int, float, float]:
+    """Over the clean runs and the runs with noise of ``kind``: ρ between the level and σ_task, p-value."""
+    chosen = [r for r in runs if r["kind"] in ("clean", kind)]
+    rho, p = stats.spearmanr([r["level"] for r in chosen], [r[f"sigma_{task}"] for r in chosen])
+    return len(chosen), float(rho), float(p)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", type=Path, help="the σ sweep's directory")
+    parser.add_argument("--out", type=Path, default=Path("experiments/noise"))
+    args = parser.parse_args()
+    runs = [r for c in sorted(p for p in args.sweep.iterdir() if p.is_dir()) if (r := load_cell(c)) is not None]
+    if not runs:
+        raise SystemExit(f"{args.sweep}: no finished cells")
+    args.out.mkdir(parents=True, exist_ok=True)
+    fields = ["cell", "kind", "level", "seed", *(k for k in runs[0] if k.startswith(("sigma_", "s_")))]
+    with open(args.out / "sigma.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in sorted(runs, key=lambda r: (r["kind"], r["level"], r["seed"])):
+            writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()})
+
+    print(f"{len(runs)} finished runs in {args.sweep}\n")
+    print("| noise | level | seeds | σ_cls | σ_reg |")
+    print("|---|---|---|---|---|")
+    for kind in ("clean", "box_jitter", "class_flip"):
+        for level in sorted({r["level"] for r in runs if r["kind"] == kind}):
+            group = [r for r in runs if r["kind"] == kind and r["level"] == level]
+            cells = " | ".join(
+                " / ".join(f"{r[f'sigma_{t}']:.3f}" for r in sorted(group, key=lambda r: r["seed"])) for t in TASKS
+            )
+            print(f"| {kind} | {level:g} | {','.join(str(r['seed']) for r in group)} | {cells} |")
+    print("\nSpearman's rank correlation, clean runs included (two-sided p):\n")
+    print("| σ | against | runs | ρ | p |")
+    print("|---|---|---|---|---|")
+    for kind, task in (("box_jitter", "reg"), ("class_flip", "cls"), ("box_jitter", "cls"), ("class_flip", "reg")):
+        n, rho, p = spearman(runs, kind, task)
+        note = "" if KINDS[kind] == task else " (control)"
+        print(f"| σ_{task} | {kind}{note} | {n} | {rho:+.2f} | {p:.3g} |")
+    worst = {t: max(abs(r[f"s_{t}_last_quarter_change"]) for r in runs) for t in TASKS}
+    print(
+        "\nconvergence: the largest change of s over the last quarter of training, over all runs: "
+        + ", ".join(f"s_{t} {worst[t]:.3f}" for t in TASKS)
+    )
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (kind, task) in zip(axes, (("box_jitter", "reg"), ("class_flip", "cls")), strict=True):
+        chosen = [r for r in runs if r["kind"] in ("clean", kind)]
+        for seed in sorted({r["seed"] for r in chosen}):
+            pts = sorted((r["level"], r[f"sigma_{task}"]) for r in chosen if r["seed"] == seed)
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "o-", label=f"seed {seed}")
+        n, rho, p = spearman(runs, kind, task)
+        ax.set_title(f"σ_{task} vs {kind.replace('_', ' ')}: Spearman ρ = {rho:+.2f} (p = {p:.2g}, n = {n})")
+        ax.set_xlabel(f"{kind.replace('_', ' ')} (%)")
+        ax.set_ylabel(f"final σ_{task}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "sigma_vs_noise.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    cmap = plt.get_cmap("viridis")
+    for ax, task in zip(axes, TASKS, strict=True):
+        for r in runs:
+            colour = "black" if r["kind"] == "clean" else cmap(r["level"] / 0.4 * 0.9)
+            style = "-" if r["kind"] in ("clean", "box_jitter") else "--"
+            ax.plot(r["iters"], r["s"][task], style, color=colour, lw=0.8, alpha=0.8)
+        ax.set_title(f"s_{task} = log σ²_{task} per run (solid: jitter, dashed: flips; lighter = more noise)")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"s_{task}")
+    fig.tight_layout()
+    fig.savefig(args.out / "log_var_trajectories.png", dpi=110)
+    plt.close(fig)
+    print(f"\nwrote {args.out / 'sigma.csv'}, {args.out / 'sigma_vs_noise.png'}, {args.out / 'log_var_trajectories.png'}")
+
+
+if __name__ == "__main__":
+    main()
