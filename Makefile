@@ -19,11 +19,11 @@ demo: $(STAMP)
 	$(VENV)/bin/robustdet report runs/demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments
 	$(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

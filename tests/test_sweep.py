@@ -298,3 +298,24 @@ def test_sweep_jobs_trains_each_cell_once_in_parallel_processes(tmp_path, capsys
         assert json.loads((out / name / "cell.json").read_text())["resumed"] is False
     assert main([*argv[:-len(_tiny(tmp_path)) - 2], "--jobs", "0", *_tiny(tmp_path)]) == 2
     assert "--jobs 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_only_trains_a_subset_first_and_the_whole_sweep_trains_the_rest(tmp_path, monkeypatch, capsys):
+    trained: list[str] = []
+    _fake_trainer(monkeypatch, trained)
+    out = tmp_path / "sweep"
+    argv = ["sweep", CONFIG, *GRID, "--out", str(out), f"data.synthetic.cache_dir={tmp_path}"]
+    assert main([*argv, "--only", "weighting.name=avw", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert NAMES[1] in plan and NAMES[3] in plan and NAMES[0] not in plan and NAMES[2] not in plan
+    assert main([*argv, "--only", "weighting.name=avw"]) == 0
+    assert trained == [NAMES[1], NAMES[3]]
+    assert [r["cell"] for r in _rows(out)] == [NAMES[1], NAMES[3]]
+    assert main([*argv, "--only", "weighting.name=avw,equal", "--only", "loss.bayesian=true"]) == 0
+    assert trained[2:] == [NAMES[0], NAMES[2]]  # the finished ones skipped
+    assert [r["cell"] for r in _rows(out)] == NAMES
+    capsys.readouterr()
+    assert main([*argv, "--only", "weighting.name=rlo"]) == 2
+    assert "--only 'weighting.name=rlo': 'rlo' is not a level of weighting.name (equal, avw)" in capsys.readouterr().err
+    assert main([*argv, "--only", "method=x"]) == 2
+    assert "not AXIS=LABEL[,LABEL] with an axis of the sweep (weighting.name, loss.bayesian)" in capsys.readouterr().err

@@ -25,11 +25,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
-from scipy import stats  # noqa: E402
+import matplotlib.pyplot as plt
+import yaml
+from scipy import stats
 
-from robustdet.files import read_jsonl  # noqa: E402
+from robustdet.files import read_jsonl
 
 TASKS = ("cls", "reg")
 KINDS = {"box_jitter": "reg", "class_flip": "cls"}  # the noise kind and the task whose σ should follow it
@@ -135,7 +135,8 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out / "log_var_trajectories.png", dpi=110)
     plt.close(fig)
-    print(f"\nwrote {args.out / 'sigma.csv'}, {args.out / 'sigma_vs_noise.png'}, {args.out / 'log_var_trajectories.png'}")
+    names = ("sigma.csv", "sigma_vs_noise.png", "log_var_trajectories.png")
+    print("\nwrote " + ", ".join(str(args.out / n) for n in names))
 
 
 if __name__ == "__main__":

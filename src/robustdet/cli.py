@@ -157,6 +157,8 @@ def _sweep_jobs(args: argparse.Namespace, cells: list, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "robustdet", "sweep", args.config, *args.overrides, "--out", str(out)]
     for g in args.grid:
         cmd += ["--grid", g]
+    for o in args.only:
+        cmd += ["--only", o]
     if args.seeds is not None:
         cmd += ["--seeds", args.seeds]
     env = dict(os.environ)
@@ -184,17 +186,18 @@ def _sweep_jobs(args: argparse.Namespace, cells: list, out: Path) -> list[str]:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from robustdet.engine.trainer import TrainingDiverged
-    from robustdet.sweep import build_cells, plan_text, run_sweep, spec_from_args
+    from robustdet.sweep import build_cells, plan_text, run_sweep, select_cells, spec_from_args
 
     spec = spec_from_args(args.config, args.overrides, args.grid, args.seeds)
     cells = build_cells(spec)
+    only = select_cells(cells, spec, args.only) if args.only else None
     out = Path(args.out)
     if args.dry_run:
-        print(plan_text(spec, cells, out))
+        print(plan_text(spec, cells if only is None else only, out))
         return 0
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: must be at least 1")
-    diverged = _sweep_jobs(args, cells, out) if args.jobs > 1 else run_sweep(spec, cells, out)
+    diverged = _sweep_jobs(args, cells, out) if args.jobs > 1 else run_sweep(spec, cells, out, only=only)
     print(f"sweep directory: {out}  (summary.csv; compare with: robustdet compare {out})")
     if diverged:
         raise TrainingDiverged(f"{out}: {len(diverged)} cells diverged ({', '.join(diverged)}); see their events.jsonl")
@@ -255,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", metavar="0,1,2", help="the seeds (default: the sweep file's, else the config's)")
     p.add_argument("--out", required=True, help="the sweep directory: one folder per cell, summary.csv")
     p.add_argument("--dry-run", action="store_true", help="list the cells and iterations; train nothing")
+    p.add_argument(
+        "--only", action="append", default=[], metavar="AXIS=L1,L2",
+        help="train only the cells with these labels (repeatable); summary.csv still lists every finished cell",
+    )  # fmt: skip
     p.add_argument(
         "--jobs", type=int, default=1, metavar="N",
         help="train N cells at a time, in N processes sharing the cores (default 1)",

@@ -265,6 +265,26 @@ def build_cells(spec: SweepSpec) -> list[Cell]:
     return cells
 
 
+def select_cells(cells: list[Cell], spec: SweepSpec, only: list[str]) -> list[Cell]:
+    """``--only AXIS=L1,L2`` (repeatable): the cells whose label on each named axis is one of those given.
+
+    The other cells keep their place in the sweep (``summary.csv`` lists every finished cell), so a subset
+    run first and the whole sweep later train each cell once.
+    """
+    wanted: dict[str, set[str]] = {}
+    axes = {a.name: [lab for lab, _ in a.levels] for a in spec.axes}
+    for item in only:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in axes:
+            raise ConfigError(f"--only {item!r}: not AXIS=LABEL[,LABEL] with an axis of the sweep ({', '.join(axes)})")
+        labels = split_values(raw)
+        unknown = [lab for lab in labels if lab not in axes[name]]
+        if unknown:
+            raise ConfigError(f"--only {item!r}: {unknown[0]!r} is not a level of {name} ({', '.join(axes[name])})")
+        wanted.setdefault(name, set()).update(labels)
+    return [c for c in cells if all(c.labels[k] in v for k, v in wanted.items())]
+
+
 # ------------------------------------------------------------------------------------------------ running
 def cell_state(cell_dir: Path) -> str:
     """``done`` (metrics.json), ``diverged`` (an earlier sweep recorded it), ``resume`` (a checkpoint) or ``new``."""
@@ -407,10 +427,14 @@ def write_summary(out: Path, cells: list[Cell]) -> Path:
     return write_text_atomic(out / "summary.csv", text.getvalue())
 
 
-def run_sweep(spec: SweepSpec, cells: list[Cell], out: Path, console: TextIO | None = None) -> list[str]:
-    """Train every cell that is not done and that no other sweep process holds (``claimed``); return the
-    names of the cells that diverged (recorded, not retried), in this process or an earlier one."""
+def run_sweep(
+    spec: SweepSpec, cells: list[Cell], out: Path, console: TextIO | None = None, only: list[Cell] | None = None
+) -> list[str]:
+    """Train every cell (of ``only``, when given) that is not done and that no other sweep process holds
+    (``claimed``); return the names of the cells that diverged (recorded, not retried), in this process or
+    an earlier one. ``summary.csv`` covers all ``cells``."""
     console = console if console is not None else sys.stdout
+    todo = cells if only is None else only
     for c in cells:  # every folder checked before the first cell trains
         check_cell_config(c, out / c.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -418,9 +442,9 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], out: Path, console: TextIO | N
     write_summary(out, cells)
     keys = grid_keys(spec)
     elsewhere: list[str] = []
-    for i, c in enumerate(cells, 1):
+    for i, c in enumerate(todo, 1):
         d = out / c.name
-        head = f"[sweep {i}/{len(cells)}] {c.name}"
+        head = f"[sweep {i}/{len(todo)}] {c.name}"
         if _skipped(d, head, console):  # before claiming: a finished cell's folder stays as it is
             continue
         with claimed(d) as mine:
@@ -487,6 +511,7 @@ __all__ = [
     "plan_text",
     "run_sweep",
     "safe_name",
+    "select_cells",
     "spec_from_args",
     "write_summary",
 ]
