@@ -98,9 +98,13 @@ def test_issue10_sweep_files_are_the_whole_experiment():
     noise = {c.labels["noise"]: c.cfg.data.train.label_noise for c in sigma}
     assert [noise[f"jitter{k}"].box_jitter for k in (10, 20, 30, 40)] == [0.1, 0.2, 0.3, 0.4]
     assert all(noise[f"flip{k}"].box_jitter == 0.0 and noise[f"jitter{k}"].class_flip == 0.0 for k in (10, 40))
-    # the grid's cell size, so the σ study's clean runs are the grid's method=bayesian noise=0 setting
+    # the grid's cell size: the σ study's clean runs are the grid's method=bayesian noise=0 setting with the
+    # log-variances at their own lr (converged s), the grid's at the model's (as shipped)
     base = {c.labels["method"]: c.cfg for c in cells if c.labels["noise"] == "0" and c.seed == 0}["bayesian"]
-    assert sigma[0].cfg.model_dump() == base.model_dump()
+    assert (base.train.optimizer.log_var_lr, sigma[0].cfg.train.optimizer.log_var_lr) == (None, 0.02)
+    same_lr = base.model_copy(update={"train": base.train.model_copy(update={
+        "optimizer": base.train.optimizer.model_copy(update={"log_var_lr": 0.02})})})
+    assert sigma[0].cfg.model_dump() == same_lr.model_dump()
 
 
 @pytest.mark.parametrize(
