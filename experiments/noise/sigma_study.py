@@ -141,7 +141,7 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out / "log_var_trajectories.png", dpi=110)
     plt.close(fig)
-    names = ("sigma.csv", "sigma_vs_noise.png", "log_var_trajectories.png")
+    names = ("sigma.csv", *(("sigma_vs_noise.png",) if pairs else ()), "log_var_trajectories.png")
     print("\nwrote " + ", ".join(str(args.out / n) for n in names))
 
 
