@@ -152,8 +152,10 @@ def _sweep_jobs(args: argparse.Namespace, cells: list, out: Path) -> list[str]:
     (``sweep.claimed``), each with its share of the cores (OMP_NUM_THREADS) and its log in OUT/jobs/."""
     import subprocess
 
-    from robustdet.sweep import cell_state, write_summary
+    from robustdet.sweep import cell_state, check_cell_config, write_summary
 
+    for c in cells:  # a folder holding another config: the one-line error here, not in N logs
+        check_cell_config(c, out / c.name)
     cmd = [sys.executable, "-m", "robustdet", "sweep", args.config, *args.overrides, "--out", str(out)]
     for g in args.grid:
         cmd += ["--grid", g]

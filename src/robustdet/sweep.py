@@ -505,6 +505,7 @@ __all__ = [
     "SweepSpec",
     "build_cells",
     "cell_state",
+    "check_cell_config",
     "load_sweep_file",
     "parse_grid_arg",
     "parse_seeds",
