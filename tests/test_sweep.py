@@ -301,7 +301,8 @@ def test_a_cell_another_sweep_process_holds_is_left_to_it(tmp_path, monkeypatch,
     assert [r["cell"] for r in _rows(out)] == NAMES
 
 
-def test_sweep_jobs_trains_each_cell_once_in_parallel_processes(tmp_path, capsys):
+def test_sweep_jobs_trains_each_cell_once_in_parallel_processes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the children's share; set here so the machine's cores do not matter
     out = tmp_path / "sweep"
     argv = ["sweep", CONFIG, "--grid", "weighting.name=equal,avw", "--grid", "loss.bayesian=true", "--seeds", "0,1",
             "--out", str(out), "--jobs", "2", *_tiny(tmp_path)]
