@@ -56,7 +56,6 @@ def load_cell(cell: Path) -> dict | None:
         "seed": cfg["seed"],
         **{f"sigma_{t}": math.exp(s[t][-1] / 2) for t in TASKS},
         **{f"s_{t}_last_quarter_change": s[t][-1] - s[t][quarter] for t in TASKS},
-        **{f"s_{t}_max_abs_last_quarter": max(abs(v - s[t][-1]) for v in s[t][quarter:]) for t in TASKS},
         "iters": iters,
         "s": s,
     }
