@@ -4,8 +4,9 @@ Reads the cells of the σ sweep (``experiments/noise/sigma.yaml``: Bayesian Reti
 5 levels and class flips alone at 5 levels, 2 seeds), takes each cell's noise from its own
 ``config.yaml`` (``data.train.label_noise``) and its final σ = exp(s/2) from ``log.jsonl``, and writes
 
-- ``OUT/sigma.csv``: one row per run (kind, level, seed, σ_cls, σ_reg, and how far s still moved over the
-  last quarter of training, the convergence check);
+- ``OUT/sigma.csv``: one row per run (kind, level, seed, σ_cls, σ_reg, the run's final AP and AP50, and two
+  convergence checks over the last quarter of training: how far s still moved, and how fast against the
+  fastest Adam allows);
 - ``OUT/sigma_vs_noise.png``: σ_reg against box jitter, σ_cls against class flips;
 - ``OUT/log_var_trajectories.png``: s_cls and s_reg against iteration for every run;
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -48,6 +50,10 @@ def load_cell(cell: Path) -> dict | None:
     iters = [r["iter"] for r in records]
     s = {t: [r[f"loss/log_var/{t}"] for r in records] for t in TASKS}
     quarter = next(i for i, it in enumerate(iters) if it >= 0.75 * iters[-1])
+    opt = cfg["train"]["optimizer"]
+    # the log-variances' group follows the model's schedule, scaled from the model's lr to its own
+    log_var_lr = [r["lr"] * (opt.get("log_var_lr") or opt["lr"]) / opt["lr"] for r in records]
+    bbox = json.loads((cell / "metrics.json").read_text())["bbox"]
     return {
         "cell": cell.name,
         # both at once (the grid's noise levels): shown, but outside the one-kind-at-a-time correlations
@@ -55,10 +61,26 @@ def load_cell(cell: Path) -> dict | None:
         "level": max(jitter, flip),
         "seed": cfg["seed"],
         **{f"sigma_{t}": math.exp(s[t][-1] / 2) for t in TASKS},
+        "AP": bbox["AP"],
+        "AP50": bbox["AP50"],
         **{f"s_{t}_last_quarter_change": s[t][-1] - s[t][quarter] for t in TASKS},
+        **{f"s_{t}_late_speed": late_speed(iters, s[t], log_var_lr, quarter) for t in TASKS},
         "iters": iters,
         "s": s,
     }
+
+
+def late_speed(iters: list[int], s: list[float], lr: list[float], quarter: int) -> float:
+    """Over the last quarter: the path s travelled over the sum of its learning rates (Adam's longest path).
+
+    Adam moves a parameter about its learning rate a step while the gradient keeps its sign, so a ratio
+    near 1 means s was still being pushed as fast as the optimizer allows (σ would measure the optimizer),
+    near 0 that it sat at its minimum. The last quarter's plain change is small under a cosine schedule
+    either way, because the learning rate is.
+    """
+    path = sum(abs(b - a) for a, b in zip(s[quarter:], s[quarter + 1 :], strict=False))
+    budget = sum(lr[i] * (iters[i] - iters[i - 1]) for i in range(quarter + 1, len(iters)))
+    return path / budget
 
 
 def spearman(runs: list[dict], kind: str, task: str) -> tuple[int, float, float]:
@@ -77,7 +99,7 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"{args.sweep}: no finished cells")
     args.out.mkdir(parents=True, exist_ok=True)
-    fields = ["cell", "kind", "level", "seed", *(k for k in runs[0] if k.startswith(("sigma_", "s_")))]
+    fields = ["cell", "kind", "level", "seed", *(k for k in runs[0] if k.startswith(("sigma_", "AP", "s_")))]
     with open(args.out / "sigma.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -85,15 +107,18 @@ def main() -> None:
             writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()})
 
     print(f"{len(runs)} finished runs in {args.sweep}\n")
-    print("| noise | level | seeds | σ_cls | σ_reg |")
-    print("|---|---|---|---|---|")
+    print("| noise | level | seeds | σ_cls | σ_reg | AP50 | late speed of s_cls, s_reg |")
+    print("|---|---|---|---|---|---|---|")
     for kind in ("clean", "box_jitter", "class_flip", "combined"):
         for level in sorted({r["level"] for r in runs if r["kind"] == kind}):
             group = [r for r in runs if r["kind"] == kind and r["level"] == level]
             cells = " | ".join(
                 " / ".join(f"{r[f'sigma_{t}']:.3f}" for r in sorted(group, key=lambda r: r["seed"])) for t in TASKS
             )
-            print(f"| {kind} | {level:g} | {','.join(str(r['seed']) for r in group)} | {cells} |")
+            group = sorted(group, key=lambda r: r["seed"])
+            ap50 = " / ".join(f"{r['AP50']:.1f}" for r in group)
+            speeds = " / ".join(", ".join(f"{r[f's_{t}_late_speed']:.2f}" for t in TASKS) for r in group)
+            print(f"| {kind} | {level:g} | {','.join(str(r['seed']) for r in group)} | {cells} | {ap50} | {speeds} |")
     print("\nSpearman's rank correlation, clean runs included (two-sided p):\n")
     print("| σ | against | runs | ρ | p |")
     print("|---|---|---|---|---|")
@@ -104,9 +129,12 @@ def main() -> None:
         note = "" if KINDS[kind] == task else " (control)"
         print(f"| σ_{task} | {kind}{note} | {n} | {rho:+.2f} | {p:.3g} |")
     worst = {t: max(abs(r[f"s_{t}_last_quarter_change"]) for r in runs) for t in TASKS}
+    speed = {t: max(r[f"s_{t}_late_speed"] for r in runs) for t in TASKS}
     print(
-        "\nconvergence: the largest change of s over the last quarter of training, over all runs: "
+        "\nconvergence, over all runs, in the last quarter of training: the largest change of s "
         + ", ".join(f"s_{t} {worst[t]:.3f}" for t in TASKS)
+        + "; the largest late speed (path of s / sum of its learning rates; 1 = as fast as Adam moves) "
+        + ", ".join(f"s_{t} {speed[t]:.2f}" for t in TASKS)
     )
 
     pairs = [(k, t) for k, t in (("box_jitter", "reg"), ("class_flip", "cls")) if any(r["kind"] == k for r in runs)]
