@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Writes issue 10's committed results anew from the runs in runs/noise/ (docs/results.md quotes them):
+# the grid's summary, the compare tables and plots, and the σ tables and plots of the grid, of the two
+# converged-s runs and of the σ sweep (each where its runs exist). Reads only; the runs are not touched.
+#   experiments/noise/report.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+R=.venv/bin/robustdet
+PY=.venv/bin/python
+E=experiments/noise
+cp runs/noise/grid/summary.csv $E/summary.csv
+# the unfinished cells' lines are the sweep's state, not a result
+$R compare runs/noise/grid --baseline method=baseline --metrics AP,AP50,AP75,APs,APm --plot $E/plots \
+    | grep -v "not finished" > $E/compare.txt
+$PY $E/sigma_study.py runs/noise/grid --out $E/grid_sigma > $E/grid_sigma/sigma_study.txt
+if [ -d runs/noise/converged ]; then
+    $PY $E/sigma_study.py runs/noise/converged --out $E/converged > $E/converged/sigma_study.txt
+fi
+if [ -d runs/noise/sigma ]; then
+    $PY $E/sigma_study.py runs/noise/sigma --out $E > $E/sigma_study.txt
+fi
+git status --short $E
