@@ -86,7 +86,10 @@ def late_speed(iters: list[int], s: list[float], lr: list[float], quarter: int) 
 def spearman(runs: list[dict], kind: str, task: str) -> tuple[int, float, float]:
     """Over the clean runs and the runs with noise of ``kind``: ρ between the level and σ_task, p-value."""
     chosen = [r for r in runs if r["kind"] in ("clean", kind)]
-    rho, p = stats.spearmanr([r["level"] for r in chosen], [r[f"sigma_{task}"] for r in chosen])
+    levels, sigmas = [r["level"] for r in chosen], [r[f"sigma_{task}"] for r in chosen]
+    if len(set(levels)) < 2 or len(set(sigmas)) < 2:  # no ranking to correlate: scipy would warn and give nan
+        return len(chosen), math.nan, math.nan
+    rho, p = stats.spearmanr(levels, sigmas)
     return len(chosen), float(rho), float(p)
 
 
@@ -127,7 +130,10 @@ def main() -> None:
             continue
         n, rho, p = spearman(runs, kind, task)
         note = "" if KINDS[kind] == task else " (control)"
-        print(f"| σ_{task} | {kind}{note} | {n} | {rho:+.2f} | {p:.3g} |")
+        if math.isnan(rho):
+            print(f"| σ_{task} | {kind}{note} | {n} | - | - (constant) |")
+        else:
+            print(f"| σ_{task} | {kind}{note} | {n} | {rho:+.2f} | {p:.3g} |")
     worst = {t: max(abs(r[f"s_{t}_last_quarter_change"]) for r in runs) for t in TASKS}
     speed = {t: max(r[f"s_{t}_late_speed"] for r in runs) for t in TASKS}
     print(
