@@ -204,6 +204,13 @@ def test_compare_cli_plain_table_and_grouped_statistics(tmp_path, capsys):
     assert row.split()[2:] == ["3", "+1.67", f"[{5 / 3 - half:+.2f},", f"{5 / 3 + half:+.2f}]"]
     assert main(["compare", *dirs, "--baseline", "nosuch=1"]) == 2
     assert "--baseline 'nosuch=1': no group" in capsys.readouterr().err
+    # a metric name with a typo is an error naming the option, not a column of dashes
+    assert main(["compare", *dirs, "--metrics", "AP,AP5O"]) == 2
+    assert "compare --metrics: unknown metric AP5O; one of AP, AP50" in capsys.readouterr().err
+    assert main(["compare", *dirs, "--plot", str(tmp_path / "p"), "--plot-metrics", "ap"]) == 2
+    assert "compare --plot-metrics: unknown metric ap" in capsys.readouterr().err
+    assert main(["compare", *dirs, "--plot-metrics", "AP50"]) == 2
+    assert "--plot-metrics needs --plot DIR" in capsys.readouterr().err
     # a config.yaml that is not YAML: one line, exit 2
     (tmp_path / "eq" / "config.yaml").write_text("seed: [0\n")
     assert main(["compare", str(tmp_path / "eq"), str(tmp_path / "avw")]) == 2

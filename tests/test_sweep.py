@@ -180,7 +180,8 @@ def test_compare_a_sweep_directory(swept, capsys):
     tmp, out = swept
     capsys.readouterr()
     plots = tmp / "plots"
-    assert main(["compare", str(out), "--baseline", "weighting.name=equal", "--plot", str(plots)]) == 0
+    assert main(["compare", str(out), "--baseline", "weighting.name=equal", "--plot", str(plots),
+                 "--plot-metrics", "AP,AP50"]) == 0
     res = capsys.readouterr()
     assert res.err == ""  # the cells differ only in the grid's keys and the seed
     lines = res.out.splitlines()
@@ -191,7 +192,9 @@ def test_compare_a_sweep_directory(swept, capsys):
         assert line.split()[1:3] == ["2", "0,1"]
         assert f"{sum(sig) / 2:.2f} ± {abs(sig[0] - sig[1]) / math.sqrt(2):.2f}" in line
     assert any(x.startswith("weighting.name=avw  weighting.name=equal  2 ") for x in lines)
-    assert sorted(p.name for p in plots.iterdir()) == ["AP_difference.png", "AP_vs_iter.png", "final_AP.png"]
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "AP50_difference.png", "AP50_vs_iter.png", "AP_difference.png", "AP_vs_iter.png", "final_AP.png",
+        "final_AP50.png"]
 
 
 def test_a_sweep_resumes_and_skips_finished_cells(swept, capsys):

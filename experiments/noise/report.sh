@@ -11,6 +11,7 @@ E=experiments/noise
 cp runs/noise/grid/summary.csv $E/summary.csv
 # the unfinished cells' lines are the sweep's state, not a result
 $R compare runs/noise/grid --baseline method=baseline --metrics AP,AP50,AP75,APs,APm --plot $E/plots \
+    --plot-metrics AP,AP50 \
     | grep -v "not finished" > $E/compare.txt
 $PY $E/sigma_study.py runs/noise/grid --out $E/grid_sigma > $E/grid_sigma/sigma_study.txt
 if [ -d runs/noise/converged ]; then

@@ -211,7 +211,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from robustdet.report import compare_runs
 
     paths, notes = expand_run_dirs(args.run_dirs)
-    metrics = args.metrics.split(",") if args.metrics else list(DEFAULT_METRICS)
+    metrics = _metric_names(args.metrics, "--metrics") if args.metrics else list(DEFAULT_METRICS)
+    plot_metrics = _metric_names(args.plot_metrics or "AP", "--plot-metrics")
+    if args.plot_metrics and not args.plot:
+        raise ConfigError("compare: --plot-metrics needs --plot DIR (where the figures go)")
     by = args.by.split(",") if args.by else None
     comp = build_comparison([load_run(p) for p in paths], args.baseline, by, metrics, notes)
     for w in comp.warnings:
@@ -224,9 +227,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.plot:
         from robustdet.plots.compare_figures import plot_comparison
 
-        for f in plot_comparison(comp.groups, Path(args.plot), comp.base):
-            print(f"wrote {f}")
+        for metric in plot_metrics:
+            for f in plot_comparison(comp.groups, Path(args.plot), comp.base, metric):
+                print(f"wrote {f}")
     return 0
+
+
+def _metric_names(text: str, option: str) -> list[str]:
+    """A comma list of the 12 COCO numbers' names (AP, AP50, ..., ARl), checked: a typo would otherwise
+    print a column of dashes."""
+    from robustdet.engine.evaluator import METRIC_NAMES
+
+    names = [n.strip() for n in text.split(",")]
+    unknown = [n for n in names if n not in METRIC_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"compare {option}: unknown metric {', '.join(unknown)}; one of {', '.join(METRIC_NAMES)}")
+    return names
 
 
 def _cmd_plot_losses(args: argparse.Namespace) -> int:
@@ -329,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", metavar="KEY,...", help="the config keys or sections (loss.) the comparison is about")
     p.add_argument("--metrics", metavar="AP,AP50,...", help="the COCO numbers to show")
     p.add_argument("--plot", metavar="DIR", help="write AP-vs-iteration and final-AP figures here")
+    p.add_argument("--plot-metrics", metavar="AP,AP50,...",
+                   help="the COCO numbers to draw, a set of figures each (default AP)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("plot-losses", help="the papers' Figures 1 and 2 (Bayesian smooth L1 and focal)")
