@@ -77,6 +77,17 @@ def test_grouping_labels_groups_by_the_keys_they_differ_in():
     assert f"+1.67 [{5 / 3 - T_975_DF2 * math.sqrt(7) / 6:+.2f}, {5 / 3 + T_975_DF2 * math.sqrt(7) / 6:+.2f}]" in text
 
 
+def test_a_group_with_one_seed_shows_its_value_without_a_spread():
+    runs = _method_runs()
+    runs = [r for r in runs if r.name != "avw1" and r.name != "avw2"]  # avw has seed 0 only, so far
+    text = build_comparison(runs, baseline="weighting.name=equal", metrics=["AP"]).text()
+    row = next(line for line in text.splitlines() if line.startswith("weighting.name=avw "))
+    assert row.split()[1:] == ["1", "0", "11.50"]
+    diff = next(line for line in text.splitlines() if line.startswith("weighting.name=avw  weighting.name=equal"))
+    assert diff.split()[2:] == ["1", "+1.50", "(one", "seed)"]
+    assert "nan" not in text
+
+
 def test_result_config_leaves_out_seed_and_settings_that_cannot_change_a_result(tmp_path):
     from robustdet.compare import load_run
 

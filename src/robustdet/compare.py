@@ -332,7 +332,8 @@ def format_groups(groups: Sequence[Group], metrics: Sequence[str] = DEFAULT_METR
         for m in cols:
             vals = list(g.values(m).values())
             mean, std = mean_std(vals)
-            cells.append(f"{_fmt(mean)} ± {_fmt(std)}" if vals else "-")
+            # one seed has no spread to show: the value alone, not "± nan"
+            cells.append("-" if not vals else _fmt(mean) if len(vals) == 1 else f"{_fmt(mean)} ± {_fmt(std)}")
         rows.append((g.label, str(len(g.runs)), ",".join(map(str, g.seeds)), cells))
     return _table(["group", "n", "seeds", *cols], [[a, b, c, *d] for a, b, c, d in rows])
 
@@ -352,7 +353,10 @@ def format_differences(
         for m in metrics:
             d = paired_difference(g.values(m), b.values(m), confidence)
             n = d.n
-            cells.append(f"{_fmt(d.mean, True)} [{_fmt(d.low, True)}, {_fmt(d.high, True)}]" if d.n else "-")
+            if d.n == 1:
+                cells.append(f"{_fmt(d.mean, True)} (one seed)")
+            else:
+                cells.append(f"{_fmt(d.mean, True)} [{_fmt(d.low, True)}, {_fmt(d.high, True)}]" if d.n else "-")
         rows.append([g.label, b.label, str(n), *cells])
     if not rows:
         return "(no group has a baseline to compare with)"
