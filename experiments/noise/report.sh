@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Writes issue 10's committed results anew from the runs in runs/noise/ (docs/results.md quotes them):
-# the grid's summary, the compare tables and plots, and the σ tables and plots of the grid, of the two
-# converged-s runs and of the σ sweep (each where its runs exist). Reads only; the runs are not touched.
+# the grid's (and the ablation's) summary, the compare tables and plots, and the σ tables and plots of the
+# grid, of the two converged-s runs and of the σ sweep (each where its runs exist). Reads only; the runs are not touched.
 #   experiments/noise/report.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -9,8 +9,10 @@ R=.venv/bin/robustdet
 PY=.venv/bin/python
 E=experiments/noise
 cp runs/noise/grid/summary.csv $E/summary.csv
+if [ -f runs/noise/ablation/summary.csv ]; then cp runs/noise/ablation/summary.csv $E/ablation_summary.csv; fi
 # the unfinished cells' lines are the sweep's state, not a result
-$R compare runs/noise/grid --baseline method=baseline --metrics AP,AP50,AP75,APs,APm --plot $E/plots \
+ABL=$( [ -d runs/noise/ablation ] && echo runs/noise/ablation || true )
+$R compare runs/noise/grid $ABL --baseline method=baseline --metrics AP,AP50,AP75,APs,APm --plot $E/plots \
     --plot-metrics AP,AP50 \
     | grep -v "not finished" > $E/compare.txt
 $PY $E/sigma_study.py runs/noise/grid --out $E/grid_sigma > $E/grid_sigma/sigma_study.txt
