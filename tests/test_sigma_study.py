@@ -24,12 +24,13 @@ def study():
     return module
 
 
-def _cell(root, name, *, jitter=0.0, flip=0.0, seed=0, s_end=(0.0, 1.0), lr=1e-3, log_var_lr=None):
+def _cell(root, name, *, jitter=0.0, flip=0.0, seed=0, s_end=(0.0, 1.0), lr=1e-3, log_var_lr=None,
+          weighting="equal"):
     """A finished run: s goes in a straight line from (0, 1) to ``s_end`` over iterations 10..100."""
     cell = root / name
     cell.mkdir(parents=True)
     noise = {"box_jitter": jitter, "class_flip": flip} if jitter or flip else None
-    cfg = {"seed": seed, "data": {"train": {"label_noise": noise}},
+    cfg = {"seed": seed, "data": {"train": {"label_noise": noise}}, "weighting": {"name": weighting},
            "train": {"optimizer": {"lr": lr, "log_var_lr": log_var_lr}}}
     (cell / "config.yaml").write_text(yaml.safe_dump(cfg))
     (cell / "metrics.json").write_text(json.dumps({"bbox": {"AP": 10.0 + seed, "AP50": 20.0 + seed}}))
@@ -62,6 +63,9 @@ def test_sigma_table_spearman_and_convergence_on_made_up_runs(study, tmp_path, m
         for k, level in enumerate((0.1, 0.2, 0.4)):
             _cell(sweep, f"jitter{k}_{seed}", jitter=level, seed=seed, s_end=(0.0, 0.6 + 0.1 * k + 0.01 * seed))
             _cell(sweep, f"flip{k}_{seed}", flip=level, seed=seed, s_end=(-0.1 - 0.1 * k, 0.5))
+    # another weighting, with the log-variances at 20 x the model's lr: tabled and correlated apart, and its
+    # late speed is against its own lr
+    _cell(sweep, "rlo_jitter", jitter=0.4, seed=0, s_end=(0.0, 0.6), log_var_lr=0.02, weighting="rlo")
     plain = sweep / "plain"
     plain.mkdir()
     (plain / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "data": {"train": {}}}))
@@ -76,7 +80,7 @@ def test_sigma_table_spearman_and_convergence_on_made_up_runs(study, tmp_path, m
 
     with open(out / "sigma.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 14  # the plain and the unfinished runs are left out
+    assert len(rows) == 15  # the plain and the unfinished runs are left out
     by_cell = {r["cell"]: r for r in rows}
     assert by_cell["jitter2_1"]["kind"] == "box_jitter" and float(by_cell["jitter2_1"]["level"]) == 0.4
     assert float(by_cell["jitter2_1"]["sigma_reg"]) == pytest.approx(math.exp(0.81 / 2), abs=1e-6)
@@ -85,17 +89,21 @@ def test_sigma_table_spearman_and_convergence_on_made_up_runs(study, tmp_path, m
     # s_reg moves 0.4 in 100 iterations, in a straight line, against an lr of 1e-3: 4 times Adam's pace
     assert float(by_cell["jitter0_0"]["s_reg_late_speed"]) == pytest.approx(0.4 / 100 / 1e-3, rel=1e-5)
     assert float(by_cell["clean_0"]["s_cls_late_speed"]) == 0.0
+    assert float(by_cell["rlo_jitter"]["s_reg_late_speed"]) == pytest.approx(0.4 / 100 / 0.02, rel=1e-5)
+    assert "| rlo | box_jitter | 0.4 | 0 |" in printed
+    assert "| equal | box_jitter | 0.4 | 0,1 |" in printed
 
     # the question's pairings. σ_reg rises with jitter and seed 1 is a little above seed 0 at every
     # level, so the σ's are 8 distinct ranks against levels tied in pairs: ρ is Pearson's r of the
     # average ranks, below 1. σ_cls falls with flips, tied in pairs exactly like the levels: ρ = −1.
     rho = _pearson(_ranks([0, 0, 1, 1, 2, 2, 3, 3]), _ranks(list(range(8))))
     assert 0.9 < rho < 1
-    assert f"| σ_reg | box_jitter | 8 | {rho:+.2f} |" in printed
-    assert "| σ_cls | class_flip | 8 | -1.00 |" in printed
+    assert f"| equal | σ_reg | box_jitter | 8 | {rho:+.2f} |" in printed
+    assert "| equal | σ_cls | class_flip | 8 | -1.00 |" in printed
+    assert "| rlo | σ_reg | box_jitter | 1 | - | - (constant) |" in printed  # one run: no ranking
     # the controls: σ_reg against flips varies (seed), σ_cls against jitter is constant here: no ρ
-    assert "| σ_reg | class_flip (control) | 8 |" in printed
-    assert "| σ_cls | box_jitter (control) | 8 | - | - (constant) |" in printed
+    assert "| equal | σ_reg | class_flip (control) | 8 |" in printed
+    assert "| equal | σ_cls | box_jitter (control) | 8 | - | - (constant) |" in printed
     assert (out / "sigma_vs_noise.png").stat().st_size > 0
     assert (out / "log_var_trajectories.png").stat().st_size > 0
 

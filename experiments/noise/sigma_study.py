@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import matplotlib
@@ -56,6 +57,8 @@ def load_cell(cell: Path) -> dict | None:
     bbox = json.loads((cell / "metrics.json").read_text())["bbox"]
     return {
         "cell": cell.name,
+        # a sweep of several weightings (the grid's bayesian and bayesian+rlo) is tabled per weighting
+        "weighting": cfg["weighting"]["name"],
         # both at once (the grid's noise levels): shown, but outside the one-kind-at-a-time correlations
         "kind": "combined" if jitter and flip else "box_jitter" if jitter else "class_flip" if flip else "clean",
         "level": max(jitter, flip),
@@ -78,13 +81,14 @@ def late_speed(iters: list[int], s: list[float], lr: list[float], quarter: int) 
     near 0 that it sat at its minimum. The last quarter's plain change is small under a cosine schedule
     either way, because the learning rate is.
     """
-    path = sum(abs(b - a) for a, b in zip(s[quarter:], s[quarter + 1 :], strict=False))
+    path = sum(abs(b - a) for a, b in pairwise(s[quarter:]))
     budget = sum(lr[i] * (iters[i] - iters[i - 1]) for i in range(quarter + 1, len(iters)))
     return path / budget
 
 
 def spearman(runs: list[dict], kind: str, task: str) -> tuple[int, float, float]:
-    """Over the clean runs and the runs with noise of ``kind``: ρ between the level and σ_task, p-value."""
+    """Over the clean runs and the runs with noise of ``kind`` (of one weighting: the caller's choice of
+    ``runs``): ρ between the level and σ_task, p-value."""
     chosen = [r for r in runs if r["kind"] in ("clean", kind)]
     levels, sigmas = [r["level"] for r in chosen], [r[f"sigma_{task}"] for r in chosen]
     if len(set(levels)) < 2 or len(set(sigmas)) < 2:  # no ranking to correlate: scipy would warn and give nan
@@ -102,38 +106,44 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"{args.sweep}: no finished cells")
     args.out.mkdir(parents=True, exist_ok=True)
-    fields = ["cell", "kind", "level", "seed", *(k for k in runs[0] if k.startswith(("sigma_", "AP", "s_")))]
+    measured = (k for k in runs[0] if k.startswith(("sigma_", "AP", "s_")))
+    fields = ["cell", "weighting", "kind", "level", "seed", *measured]
     with open(args.out / "sigma.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        for r in sorted(runs, key=lambda r: (r["kind"], r["level"], r["seed"])):
+        for r in sorted(runs, key=lambda r: (r["weighting"], r["kind"], r["level"], r["seed"])):
             writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()})
 
     print(f"{len(runs)} finished runs in {args.sweep}\n")
-    print("| noise | level | seeds | σ_cls | σ_reg | AP50 | late speed of s_cls, s_reg |")
-    print("|---|---|---|---|---|---|---|")
-    for kind in ("clean", "box_jitter", "class_flip", "combined"):
-        for level in sorted({r["level"] for r in runs if r["kind"] == kind}):
-            group = [r for r in runs if r["kind"] == kind and r["level"] == level]
-            cells = " | ".join(
-                " / ".join(f"{r[f'sigma_{t}']:.3f}" for r in sorted(group, key=lambda r: r["seed"])) for t in TASKS
-            )
-            group = sorted(group, key=lambda r: r["seed"])
-            ap50 = " / ".join(f"{r['AP50']:.1f}" for r in group)
-            speeds = " / ".join(", ".join(f"{r[f's_{t}_late_speed']:.2f}" for t in TASKS) for r in group)
-            print(f"| {kind} | {level:g} | {','.join(str(r['seed']) for r in group)} | {cells} | {ap50} | {speeds} |")
+    weightings = sorted({r["weighting"] for r in runs})
+    print("| weighting | noise | level | seeds | σ_cls | σ_reg | AP50 | late speed of s_cls, s_reg |")
+    print("|---|---|---|---|---|---|---|---|")
+    for w in weightings:
+        for kind in ("clean", "box_jitter", "class_flip", "combined"):
+            for level in sorted({r["level"] for r in runs if r["kind"] == kind}):
+                group = sorted(
+                    (r for r in runs if (r["weighting"], r["kind"], r["level"]) == (w, kind, level)),
+                    key=lambda r: r["seed"],
+                )
+                if not group:
+                    continue
+                sigmas = " | ".join(" / ".join(f"{r[f'sigma_{t}']:.3f}" for r in group) for t in TASKS)
+                ap50 = " / ".join(f"{r['AP50']:.1f}" for r in group)
+                speeds = " / ".join(", ".join(f"{r[f's_{t}_late_speed']:.2f}" for t in TASKS) for r in group)
+                seeds = ",".join(str(r["seed"]) for r in group)
+                print(f"| {w} | {kind} | {level:g} | {seeds} | {sigmas} | {ap50} | {speeds} |")
     print("\nSpearman's rank correlation, clean runs included (two-sided p):\n")
-    print("| σ | against | runs | ρ | p |")
-    print("|---|---|---|---|---|")
-    for kind, task in (("box_jitter", "reg"), ("class_flip", "cls"), ("box_jitter", "cls"), ("class_flip", "reg")):
-        if not any(r["kind"] == kind for r in runs):
-            continue
-        n, rho, p = spearman(runs, kind, task)
-        note = "" if KINDS[kind] == task else " (control)"
-        if math.isnan(rho):
-            print(f"| σ_{task} | {kind}{note} | {n} | - | - (constant) |")
-        else:
-            print(f"| σ_{task} | {kind}{note} | {n} | {rho:+.2f} | {p:.3g} |")
+    print("| weighting | σ | against | runs | ρ | p |")
+    print("|---|---|---|---|---|---|")
+    for w in weightings:
+        of_w = [r for r in runs if r["weighting"] == w]
+        for kind, task in (("box_jitter", "reg"), ("class_flip", "cls"), ("box_jitter", "cls"), ("class_flip", "reg")):
+            if not any(r["kind"] == kind for r in of_w):
+                continue
+            n, rho, p = spearman(of_w, kind, task)
+            note = "" if KINDS[kind] == task else " (control)"
+            stat = "- | - (constant)" if math.isnan(rho) else f"{rho:+.2f} | {p:.3g}"
+            print(f"| {w} | σ_{task} | {kind}{note} | {n} | {stat} |")
     worst = {t: max(abs(r[f"s_{t}_last_quarter_change"]) for r in runs) for t in TASKS}
     speed = {t: max(r[f"s_{t}_late_speed"] for r in runs) for t in TASKS}
     print(
@@ -147,11 +157,15 @@ def main() -> None:
     fig, axes = plt.subplots(1, max(len(pairs), 1), figsize=(10, 4), squeeze=False)
     for ax, (kind, task) in zip(axes[0], pairs, strict=False):
         chosen = [r for r in runs if r["kind"] in ("clean", kind)]
-        for seed in sorted({r["seed"] for r in chosen}):
-            pts = sorted((r["level"], r[f"sigma_{task}"]) for r in chosen if r["seed"] == seed)
-            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "o-", label=f"seed {seed}")
-        n, rho, p = spearman(runs, kind, task)
-        ax.set_title(f"σ_{task} vs {kind.replace('_', ' ')}: Spearman ρ = {rho:+.2f} (p = {p:.2g}, n = {n})")
+        for w, seed in sorted({(r["weighting"], r["seed"]) for r in chosen}):
+            pts = sorted((r["level"], r[f"sigma_{task}"]) for r in chosen if (r["weighting"], r["seed"]) == (w, seed))
+            label = f"seed {seed}" if len(weightings) == 1 else f"{w}, seed {seed}"
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "o-", label=label)
+        title = f"σ_{task} vs {kind.replace('_', ' ')}"
+        if len(weightings) == 1:  # ρ pools the runs of one weighting only (the table has one per weighting)
+            n, rho, p = spearman(runs, kind, task)
+            title += f": Spearman ρ = {rho:+.2f} (p = {p:.2g}, n = {n})"
+        ax.set_title(title)
         ax.set_xlabel(f"{kind.replace('_', ' ')} (%)")
         ax.set_ylabel(f"final σ_{task}")
         ax.legend()
