@@ -240,7 +240,7 @@ def _metric_names(text: str, option: str) -> list[str]:
 
     names = [n.strip() for n in text.split(",")]
     unknown = [n for n in names if n not in METRIC_NAMES]
-    if unknown or not names:
+    if unknown:
         raise ConfigError(f"compare {option}: unknown metric {', '.join(unknown)}; one of {', '.join(METRIC_NAMES)}")
     return names
 

@@ -353,10 +353,12 @@ def format_differences(
         for m in metrics:
             d = paired_difference(g.values(m), b.values(m), confidence)
             n = d.n
-            if d.n == 1:
+            if not d.n:
+                cells.append("-")
+            elif d.n == 1:  # no interval from one pair
                 cells.append(f"{_fmt(d.mean, True)} (one seed)")
             else:
-                cells.append(f"{_fmt(d.mean, True)} [{_fmt(d.low, True)}, {_fmt(d.high, True)}]" if d.n else "-")
+                cells.append(f"{_fmt(d.mean, True)} [{_fmt(d.low, True)}, {_fmt(d.high, True)}]")
         rows.append([g.label, b.label, str(n), *cells])
     if not rows:
         return "(no group has a baseline to compare with)"
