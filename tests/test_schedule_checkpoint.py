@@ -1,10 +1,13 @@
 import random
+import resource
+import signal
 
 import numpy as np
 import pytest
 import torch
 
 from robustdet.config import ScheduleConfig
+from robustdet.engine.best import save_best
 from robustdet.engine.checkpoint import (
     CheckpointError,
     find_resumable,
@@ -50,6 +53,29 @@ def test_save_keeps_previous_and_falls_back_on_corruption(tmp_path):
     path, state = find_resumable(tmp_path)
     assert path.name == "prev.pt" and state["iteration"] == 1
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    """A write past the file-size limit fails inside torch.save as a full disk does (CI once hit
+    "[enforce fail at inline_container.cc] unexpected pos A vs B"): one error naming the file and the space
+    left, no temporary file, and the previous checkpoint still the one a resume finds."""
+    save_checkpoint(_state(1), tmp_path)
+    big = {"model": {"w": torch.zeros(1_000_000)}, "iteration": 2}  # 4 MB against a 1 MB limit
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    try:
+        expected = r"cannot write the checkpoint \(.+; \d+ MB free there\); earlier checkpoints are untouched"
+        with pytest.raises(CheckpointError, match=r"last\.pt: " + expected):
+            save_checkpoint(big, tmp_path)
+        with pytest.raises(CheckpointError, match=r"best\.pt: " + expected):
+            save_best(big, tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 1
+    assert find_resumable(tmp_path)[1]["iteration"] == 1
+    assert not (tmp_path / "best.pt").exists() and not list(tmp_path.glob(".*tmp*"))
 
 
 def test_empty_and_missing_checkpoints(tmp_path):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from robustdet.engine.checkpoint import write_failure
 from robustdet.files import write_atomic
 
 BEST = "best.pt"
@@ -50,4 +51,8 @@ class BestTracker:
 
 def save_best(state: dict[str, Any], ckpt_dir: Path) -> Path:
     """Write ``state`` as ``ckpt_dir/best.pt`` with the one atomic writer: never half-written."""
-    return write_atomic(ckpt_dir / BEST, lambda f: torch.save(state, f))
+    path = ckpt_dir / BEST
+    try:
+        return write_atomic(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as exc:
+        raise write_failure(path, exc) from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -37,10 +38,13 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path) -> Path:
         if stale != tmp:
             stale.unlink(missing_ok=True)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as exc:
+            raise write_failure(last, exc) from exc
         if os.environ.get(TEST_DELAY_ENV):
             time.sleep(float(os.environ[TEST_DELAY_ENV]))
         if last.exists():
@@ -51,6 +55,21 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path) -> Path:
             tmp.unlink()
     fsync_dir(ckpt_dir)
     return last
+
+
+def write_failure(path: Path, exc: BaseException) -> CheckpointError:
+    """One line for a checkpoint that could not be written, naming it and the space left beside it.
+
+    A full disk makes torch.save fail mid-archive with the cryptic "[enforce fail at inline_container.cc]
+    unexpected pos A vs B"; the free space says what happened. Nothing was replaced: the checkpoints
+    already written stay as they were, so ``--resume`` still works once there is room.
+    """
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return CheckpointError(f"{path}: cannot write the checkpoint ({reason}; {free}); earlier checkpoints are untouched")
 
 
 def _check_archive(path: Path) -> None:
