@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Writes issue 10's committed results anew from the runs in runs/noise/ (docs/results.md quotes them):
 # the grid's (and the ablation's) summary, the compare tables and plots, and the σ tables and plots of the
-# grid, of the two converged-s runs and of the σ sweep (each where its runs exist). Reads only; the runs are not touched.
+# grid, of the two converged-s runs and of the σ sweep (each where its runs exist), and the σ sweep's
+# detectors evaluated with no score threshold (rank_check.sh; it adds eval_thresh0.json to each σ cell,
+# nothing else in the runs is touched).
 #   experiments/noise/report.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,5 +23,6 @@ if [ -d runs/noise/converged ]; then
 fi
 if [ -d runs/noise/sigma ]; then
     $PY $E/sigma_study.py runs/noise/sigma --out $E > $E/sigma_study.txt
+    $E/rank_check.sh runs/noise/sigma > $E/sigma_thresh0.md
 fi
 git status --short $E
