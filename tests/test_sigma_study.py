@@ -1,9 +1,10 @@
 """``experiments/noise/sigma_study.py`` (issue 10, part 4) on made-up runs: the noise read from each run's
-config, the final σ, Spearman's ρ against a hand ranking, and the late-speed convergence check against
-trajectories whose answer is known."""
+config, the final σ, Spearman's ρ and its permutation p against a hand ranking and a count over every
+pairing, and the late-speed convergence check against trajectories whose answer is known."""
 
 import csv
 import importlib.util
+import itertools
 import json
 import math
 import sys
@@ -96,16 +97,28 @@ def test_sigma_table_spearman_and_convergence_on_made_up_runs(study, tmp_path, m
     # the question's pairings. σ_reg rises with jitter and seed 1 is a little above seed 0 at every
     # level, so the σ's are 8 distinct ranks against levels tied in pairs: ρ is Pearson's r of the
     # average ranks, below 1. σ_cls falls with flips, tied in pairs exactly like the levels: ρ = −1.
-    rho = _pearson(_ranks([0, 0, 1, 1, 2, 2, 3, 3]), _ranks(list(range(8))))
+    levels = [0, 0, 1, 1, 2, 2, 3, 3]
+    rho = _pearson(_ranks(levels), _ranks(list(range(8))))
     assert 0.9 < rho < 1
-    assert f"| equal | σ_reg | box_jitter | 8 | {rho:+.2f} |" in printed
-    assert "| equal | σ_cls | class_flip | 8 | -1.00 |" in printed
+    # 8 runs: the script's permutation p is exact, so it equals the count over all 40,320 pairings
+    assert f"| equal | σ_reg | box_jitter | 8 | {rho:+.2f} | {_permutation_p(levels, list(range(8))):.3g} |" in printed
+    assert f"| equal | σ_cls | class_flip | 8 | -1.00 | {_permutation_p(levels, levels[::-1]):.3g} |" in printed
     assert "| rlo | σ_reg | box_jitter | 1 | - | - (constant) |" in printed  # one run: no ranking
     # the controls: σ_reg against flips varies (seed), σ_cls against jitter is constant here: no ρ
     assert "| equal | σ_reg | class_flip (control) | 8 |" in printed
     assert "| equal | σ_cls | box_jitter (control) | 8 | - | - (constant) |" in printed
     assert (out / "sigma_vs_noise.png").stat().st_size > 0
     assert (out / "log_var_trajectories.png").stat().st_size > 0
+
+
+def _permutation_p(xs, ys):
+    """Two-sided p of Spearman's ρ over every pairing of ``ys`` with ``xs`` (twice the smaller tail)."""
+    rx = _ranks(xs)
+    observed = _pearson(rx, _ranks(ys))
+    rhos = [_pearson(rx, _ranks(list(p))) for p in itertools.permutations(ys)]
+    low = sum(r <= observed + 1e-12 for r in rhos) / len(rhos)
+    high = sum(r >= observed - 1e-12 for r in rhos) / len(rhos)
+    return min(1.0, 2 * min(low, high))
 
 
 def _ranks(xs):
