@@ -13,10 +13,14 @@ E=experiments/noise
 cp runs/noise/grid/summary.csv $E/summary.csv
 if [ -f runs/noise/ablation/summary.csv ]; then cp runs/noise/ablation/summary.csv $E/ablation_summary.csv; fi
 # the unfinished cells' lines are the sweep's state, not a result
-ABL=$( [ -d runs/noise/ablation ] && echo runs/noise/ablation || true )
-$R compare runs/noise/grid $ABL --baseline method=baseline --metrics AP,AP50,AP75,APs,APm --plot $E/plots \
+$R compare runs/noise/grid --baseline method=baseline --metrics AP,AP50,AP75,APs,APm --plot $E/plots \
     --plot-metrics AP,AP50 \
     | grep -v "not finished" > $E/compare.txt
+if [ -d runs/noise/ablation ]; then  # the controls against the grid's clean baseline and Bayesian runs
+    $R compare runs/noise/grid/method=baseline__noise=0__* runs/noise/grid/method=bayesian__noise=0__* \
+        runs/noise/ablation --baseline method=baseline --metrics AP,AP50,AP75 \
+        | grep -v "^note" > $E/ablation_compare.txt
+fi
 $PY $E/sigma_study.py runs/noise/grid --out $E/grid_sigma > $E/grid_sigma/sigma_study.txt
 if [ -d runs/noise/converged ]; then
     $PY $E/sigma_study.py runs/noise/converged --out $E/converged > $E/converged/sigma_study.txt
