@@ -41,8 +41,9 @@ from torch import nn
 
 from bench_losses import bench_losses, print_losses
 from bench_train_step import Case, alternate, make_batch, torchvision_twin
-from robustdet.config import Config, ConfigError, config_from_dict
+from robustdet.config import Config, config_from_dict
 from robustdet.engine.trainer import build_weighting
+from robustdet.errors import ConfigError
 from robustdet.losses import set_finite_checks
 from robustdet.models import PerLevelRetinaNet, build_model
 

@@ -17,7 +17,8 @@ from robustdet.compare import (
     paired_difference,
     t_interval,
 )
-from robustdet.config import Config, ConfigError, config_from_dict, config_to_yaml
+from robustdet.config import Config, config_from_dict, config_to_yaml
+from robustdet.errors import ConfigError
 from robustdet.plots.compare_figures import plot_comparison
 
 T_975_DF2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom (tables: 4.303)

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from robustdet.config import Config, ConfigError, config_to_yaml, load_config, parse_overrides
+from robustdet.config import Config, config_to_yaml, load_config, parse_overrides
+from robustdet.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

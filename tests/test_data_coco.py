@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from robustdet.data import DataConfig, DatasetError, DetectionDataset, build_dataset, load_coco, parse_source
+from robustdet.data import DataConfig, DetectionDataset, build_dataset, load_coco, parse_source
 from robustdet.data.yolo import header_size
+from robustdet.errors import DatasetError
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
 needs_coco128 = pytest.mark.skipif(not COCO128.is_dir(), reason=f"{COCO128} is absent")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from robustdet.data import DataConfig, DatasetError, build_dataset, parse_source
+from robustdet.data import DataConfig, build_dataset, parse_source
 from robustdet.data import headers as hdr
+from robustdet.errors import DatasetError
 
 
 def _images(folder: Path) -> list[str]:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from robustdet.config import ConfigError, config_from_dict
-from robustdet.data import DataConfig, DatasetError, build_dataset, load_voc, parse_source
+from robustdet.config import config_from_dict
+from robustdet.data import DataConfig, build_dataset, load_voc, parse_source
+from robustdet.errors import ConfigError, DatasetError
 from tests.conftest import REPO, tiny_overrides
 
 XML = """<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objects}</annotation>"""

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from robustdet.config import DataConfig, SyntheticConfig
-from robustdet.data import DatasetError, build_dataset, ensure_synthetic, load_synthetic
+from robustdet.data import build_dataset, ensure_synthetic, load_synthetic
 from robustdet.data import synthetic as synthetic_module
+from robustdet.errors import DatasetError
 
 SIZE = 96
 

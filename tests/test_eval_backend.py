@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from robustdet.cli import main
-from robustdet.config import ConfigError, load_config
+from robustdet.config import load_config
 from robustdet.data import build_dataset
 from robustdet.data.synthetic import class_names
 from robustdet.engine.evaluator import METRIC_NAMES, backend_label, coco_evaluate, to_coco_results
+from robustdet.errors import ConfigError
 from robustdet.models import build_model
 from tests.conftest import COCO128, REPO, tiny_overrides
 

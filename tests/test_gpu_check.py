@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from robustdet.config import ConfigError, config_from_dict
+from robustdet.config import config_from_dict
+from robustdet.errors import ConfigError
 from tests.conftest import REPO
 
 

@@ -12,10 +12,11 @@ import torch
 from scipy import stats
 
 from robustdet.cli import main
-from robustdet.config import ConfigError, DataConfig, load_config
+from robustdet.config import DataConfig, load_config
 from robustdet.data import build_dataset, load_synthetic, validate_coco
 from robustdet.data.noise import LabelNoiseConfig, apply_label_noise, flip_partners, sidecar_path
 from robustdet.data.synthetic import SyntheticSource
+from robustdet.errors import ConfigError
 from tests.conftest import REPO, tiny_overrides
 
 CATEGORY_IDS = [3, 7, 8, 20, 21]  # gaps and an odd count: labels 0..4 in this order

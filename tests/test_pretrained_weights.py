@@ -21,8 +21,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from robustdet.cli import main as cli_main
 from robustdet.config import Config, load_config
-from robustdet.engine.checkpoint import CheckpointError
 from robustdet.engine.trainer import Trainer
+from robustdet.errors import CheckpointError
 from robustdet.models import RetinaNetConfig, build_model
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.weights import load_detector_weights

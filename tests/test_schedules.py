@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from robustdet.cli import main
-from robustdet.config import ConfigError, load_config
+from robustdet.config import load_config
 from robustdet.engine.checkpoint import load_checkpoint
 from robustdet.engine.plan import make_plan
 from robustdet.engine.schedule import lr_factor
+from robustdet.errors import ConfigError
 from tests.conftest import REPO, tiny_overrides
 
 CONFIG = str(REPO / "configs" / "default.yaml")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from robustdet.cli import main
-from robustdet.config import ConfigError
 from robustdet.engine.evaluator import METRIC_NAMES
+from robustdet.errors import ConfigError
 from robustdet.sweep import build_cells, load_sweep_file, parse_grid_arg, parse_seeds, safe_name, spec_from_args
 from tests.conftest import REPO, tiny_overrides
 

@@ -12,7 +12,7 @@ import torch
 
 from robustdet.config import config_from_dict
 from robustdet.engine.trainer import build_optimizer
-from robustdet.section import ConfigError
+from robustdet.errors import ConfigError
 from robustdet.weighting import (
     WEIGHTINGS,
     DynamicWeightAverage,

@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from robustdet.config import ConfigError, load_config
+from robustdet.config import load_config
+from robustdet.errors import ConfigError, SweepFailed
 
 EXIT_USAGE = 2
 EXIT_SIGINT = 130
@@ -143,10 +144,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-class SweepFailed(RuntimeError):
-    """A process of ``sweep --jobs`` ended with an error; its log says which."""
-
-
 def _sweep_jobs(args: argparse.Namespace, cells: list, out: Path) -> list[str]:
     """``--jobs N``: N sweep processes on one directory, each training the next cell nobody holds
     (``sweep.claimed``), each with its share of the cores (OMP_NUM_THREADS) and its log in OUT/jobs/."""
@@ -187,7 +184,7 @@ def _sweep_jobs(args: argparse.Namespace, cells: list, out: Path) -> list[str]:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from robustdet.engine.trainer import TrainingDiverged
+    from robustdet.errors import TrainingDiverged
     from robustdet.sweep import build_cells, plan_text, run_sweep, select_cells, spec_from_args
 
     spec = spec_from_args(args.config, args.overrides, args.grid, args.seeds)
@@ -356,10 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from robustdet.data import DatasetError
-    from robustdet.engine.checkpoint import CheckpointError
-    from robustdet.engine.export import ExportError
-    from robustdet.engine.trainer import DistributedFailure, TrainingDiverged
+    from robustdet.errors import CheckpointError, DatasetError, DistributedFailure, ExportError, TrainingDiverged
 
     return (
         ConfigError, DatasetError, CheckpointError, TrainingDiverged, DistributedFailure, FileNotFoundError,

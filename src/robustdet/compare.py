@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from robustdet.config import ConfigError
+from robustdet.errors import ConfigError
 from robustdet.files import read_jsonl
 
 # Settings that cannot change what a run learns or scores (data order does not depend on the worker count,

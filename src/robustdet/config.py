@@ -19,9 +19,10 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, DatasetSource, SyntheticConfig
+from robustdet.errors import ConfigError
 from robustdet.losses.config import LossConfig
 from robustdet.models.build import DETECTORS
-from robustdet.section import ConfigError, Section, tagged_union
+from robustdet.section import Section, tagged_union
 from robustdet.weighting import WEIGHTINGS
 
 # The unions keyed on ``name``: each member is the component's own section, found through the one table of

@@ -15,10 +15,6 @@ from pathlib import Path
 from typing import IO, Any
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or weights file that cannot be used; the message names the file."""
-
-
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (best effort: not every filesystem allows it)."""
     try:
@@ -89,4 +85,4 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> 
     return write_text_atomic(path, text)
 
 
-__all__ = ["CheckpointError", "fsync_dir", "read_jsonl", "write_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["fsync_dir", "read_jsonl", "write_atomic", "write_json_atomic", "write_text_atomic"]

@@ -13,10 +13,6 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be run; the message names the file and the key."""
-
-
 class Section(BaseModel):
     """A configuration section: unknown keys are errors, assignments are validated."""
 
@@ -31,4 +27,4 @@ def tagged_union(sections: Iterable[type[Section]], key: str) -> Any:
     return Annotated[Union[members], Field(discriminator=key)]  # noqa: UP007 - a runtime tuple of members
 
 
-__all__ = ["ConfigError", "Section", "tagged_union"]
+__all__ = ["Section", "tagged_union"]

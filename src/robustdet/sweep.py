@@ -30,8 +30,9 @@ from typing import Any, TextIO
 import yaml
 
 from robustdet.compare import final_sigmas, last_log_record, result_config, value_text, yaml_inline
-from robustdet.config import Config, ConfigError, load_config
+from robustdet.config import Config, load_config
 from robustdet.engine.evaluator import METRIC_NAMES
+from robustdet.errors import ConfigError
 from robustdet.files import write_json_atomic, write_text_atomic
 
 SWEEP_KEYS = ("config", "overrides", "seeds", "grid")
@@ -471,7 +472,8 @@ def _skipped(d: Path, head: str, console: TextIO) -> bool:
 
 
 def _train_cell(c: Cell, d: Path, keys: list[str], head: str, console: TextIO) -> None:
-    from robustdet.engine.trainer import Trainer, TrainingDiverged
+    from robustdet.engine.trainer import Trainer
+    from robustdet.errors import TrainingDiverged
 
     state = cell_state(d)
     print(f"{head}: {'resuming' if state == 'resume' else 'training'}", file=console, flush=True)

@@ -1,6 +1,6 @@
 """Datasets (COCO, YOLO, VOC, synthetic) as one COCO-backed ``DetectionDataset``, and exact loaders."""
 
-from robustdet.data.coco import DatasetError, coco_api, load_coco, validate_coco
+from robustdet.data.coco import coco_api, load_coco, validate_coco
 from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, SyntheticConfig, parse_source
 from robustdet.data.dataset import DetectionDataset, build_dataset, convert_to_coco, read_image
 from robustdet.data.loader import (
@@ -14,6 +14,7 @@ from robustdet.data.loader import (
 from robustdet.data.synthetic import ensure_synthetic, load_synthetic
 from robustdet.data.voc import VOC_CLASSES, load_voc
 from robustdet.data.yolo import load_yolo
+from robustdet.errors import DatasetError
 
 __all__ = [
     "FORMATS",

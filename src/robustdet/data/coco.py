@@ -20,14 +20,11 @@ from typing import Any, ClassVar, Literal
 from pycocotools.coco import COCO
 
 from robustdet.data.source import FileSource
+from robustdet.errors import DatasetError
 
 # Problems listed in one DatasetError before the rest are only counted: enough to fix a batch of
 # them at once, few enough to stay readable.
 MAX_LISTED_ERRORS = 20
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used; the message names the file and the entry (key, line, image)."""
 
 
 class ErrorList:

@@ -17,12 +17,13 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from robustdet.data.coco import DatasetError, ErrorList, coco_api, validate_coco
+from robustdet.data.coco import ErrorList, coco_api, validate_coco
 from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, parse_source
 from robustdet.data.headers import cache_file, read_headers
 from robustdet.data.merge import as_sources, load_sources
 from robustdet.data.noise import apply_source_noise
 from robustdet.data.source import SourceSection
+from robustdet.errors import DatasetError
 from robustdet.files import write_json_atomic
 
 Target = dict[str, Any]

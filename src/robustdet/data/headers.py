@@ -33,7 +33,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from robustdet import distributed as dist
-from robustdet.data.coco import DatasetError
+from robustdet.errors import DatasetError
 from robustdet.files import write_json_atomic
 
 # Bump when what an entry means changes, so that old caches are not mistaken for new ones.

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robustdet.data.coco import DatasetError
 from robustdet.data.source import SourceSection
+from robustdet.errors import DatasetError
 
 if TYPE_CHECKING:
     from robustdet.data.config import DataConfig

@@ -18,8 +18,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, ValidationError
 
+from robustdet.errors import ConfigError
 from robustdet.files import write_json_atomic
-from robustdet.section import ConfigError, Section
+from robustdet.section import Section
 
 NOISE_KINDS = ("class_flip", "box_jitter", "drop", "spurious")
 

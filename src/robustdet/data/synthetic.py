@@ -27,8 +27,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field
 
-from robustdet.data.coco import DatasetError, annotation_record, load_coco
+from robustdet.data.coco import annotation_record, load_coco
 from robustdet.data.source import SourceSection
+from robustdet.errors import DatasetError
 from robustdet.section import Section
 
 # Bump whenever the generator's output changes, so old caches are not mistaken for new ones.

@@ -15,7 +15,6 @@ import defusedxml.ElementTree as SafeET
 from pydantic import field_validator
 
 from robustdet.data.coco import (
-    DatasetError,
     ErrorList,
     annotation_record,
     categories_from_names,
@@ -24,6 +23,7 @@ from robustdet.data.coco import (
     validate_coco,
 )
 from robustdet.data.source import FileSource
+from robustdet.errors import DatasetError
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",

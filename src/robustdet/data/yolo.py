@@ -10,7 +10,6 @@ from typing import Any, Literal
 import yaml
 
 from robustdet.data.coco import (
-    DatasetError,
     ErrorList,
     annotation_record,
     categories_from_names,
@@ -20,6 +19,7 @@ from robustdet.data.coco import (
 )
 from robustdet.data.headers import cache_file, read_header, read_headers
 from robustdet.data.source import FileSource
+from robustdet.errors import DatasetError
 
 # The Ultralytics image suffixes that torchvision.io or PIL can decode here (no DNG/HEIC/PFM/MPO).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})

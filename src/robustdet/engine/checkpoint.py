@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustdet.files import CheckpointError, fsync_dir
+from robustdet.errors import CheckpointError
+from robustdet.files import fsync_dir
 
 LAST = "last.pt"
 PREV = "prev.pt"

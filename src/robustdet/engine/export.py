@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from robustdet.engine.inference import load_trained
+from robustdet.errors import ExportError
 
 FORMATS = ("onnx", "torchscript")
 # torchvision's detection models export from opset 11 on (its test_onnx.py); 17 is the newest opset the
@@ -36,10 +37,6 @@ INPUT_NAMES = ["image"]
 OUTPUT_NAMES = ["boxes", "scores", "labels"]
 # a seeded example image for the trace: its values only pick the branches torchvision takes under tracing
 _EXAMPLE_SEED = 0
-
-
-class ExportError(RuntimeError):
-    """An export that cannot be done as asked; the message names the option, file or model."""
 
 
 def _torchvision_detector(model: nn.Module) -> type[nn.Module]:
@@ -159,4 +156,4 @@ def _require_onnx() -> None:
         raise ExportError("--format onnx needs the onnx package: pip install 'robustdet[export]'") from None
 
 
-__all__ = ["FORMATS", "ONNX_OPSET", "ExportError", "ExportableDetector", "example_image", "export_model", "set_up"]
+__all__ = ["FORMATS", "ONNX_OPSET", "ExportableDetector", "example_image", "export_model", "set_up"]

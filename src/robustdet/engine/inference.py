@@ -14,11 +14,12 @@ import torch
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
-from robustdet.config import Config, ConfigError, config_from_stored
+from robustdet.config import Config, config_from_stored
 from robustdet.data import read_image
 from robustdet.data.yolo import IMAGE_SUFFIXES
-from robustdet.engine.checkpoint import CheckpointError, load_checkpoint
+from robustdet.engine.checkpoint import load_checkpoint
 from robustdet.engine.trainer import resolve_device
+from robustdet.errors import CheckpointError, ConfigError
 from robustdet.models import build_model
 
 

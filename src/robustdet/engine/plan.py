@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from robustdet.config import Config, ConfigError, ScheduleConfig
+from robustdet.config import Config, ScheduleConfig
+from robustdet.errors import ConfigError
 
 
 def epochs_to_iters(epochs: float, images: int, total_batch: int) -> int:

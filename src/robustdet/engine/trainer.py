@@ -29,13 +29,12 @@ import torch
 from torch import nn
 
 from robustdet import distributed as dist
-from robustdet.config import Config, ConfigError, config_from_stored, config_to_yaml
-from robustdet.data import DatasetError, DetectionDataset, build_dataset, build_eval_loader, build_train_loader
+from robustdet.config import Config, config_from_stored, config_to_yaml
+from robustdet.data import DetectionDataset, build_dataset, build_eval_loader, build_train_loader
 from robustdet.data.loader import shutdown_workers
 from robustdet.data.noise import write_noise_report
 from robustdet.engine.best import BestTracker, save_best
 from robustdet.engine.checkpoint import (
-    CheckpointError,
     find_resumable,
     rng_state,
     save_checkpoint,
@@ -46,6 +45,14 @@ from robustdet.engine.evaluator import evaluate, format_metrics
 from robustdet.engine.plan import RunPlan, make_plan
 from robustdet.engine.run_log import RunLog
 from robustdet.engine.schedule import build_scheduler
+from robustdet.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    DistributedFailure,
+    Interrupted,
+    TrainingDiverged,
+)
 from robustdet.files import write_json_atomic, write_text_atomic
 from robustdet.losses import set_finite_checks
 from robustdet.models import Detector, DetectorLosses, build_model
@@ -58,26 +65,6 @@ CHECKPOINT_FORMAT = 1
 # Test-only hook: "RANK:ITER" makes that rank exit at once (os._exit(1), like a crash) when it starts
 # iteration ITER (1-based), to test how the other ranks and torchrun react (tests/test_robustness.py).
 TEST_DIE_ENV = "ROBUSTDET_TEST_DIE_AT_ITER"
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row; the message says where and what went bad."""
-
-
-class DistributedFailure(RuntimeError):
-    """Another rank died or stopped answering; the message names the last checkpoint to resume from."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT stopped the run (after saving a checkpoint when the step allowed it)."""
-
-    def __init__(self, signum: int, message: str = "") -> None:
-        super().__init__(message or signal.Signals(signum).name)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def resolve_device(name: str) -> torch.device:

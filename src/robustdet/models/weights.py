@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from robustdet.files import CheckpointError
+from robustdet.errors import CheckpointError
 
 # Per prefix: how many outputs the layer has besides the per-class ones (Faster R-CNN's background at 0).
 CLASSIFICATION_LAYERS: dict[str, int] = {
