@@ -1,5 +1,5 @@
 """Grouping runs over seeds, their statistics against a hand computation, baselines, warnings and figures,
-on made-up metrics (no training): robustdet.compare, robustdet.plots.compare_figures, ``robustdet compare``."""
+on made-up metrics (no training): robustdet.runs.compare, robustdet.plots.compare_figures, ``robustdet compare``."""
 
 import json
 import math
@@ -7,19 +7,18 @@ import math
 import pytest
 
 from robustdet.cli import main
-from robustdet.compare import (
-    Run,
+from robustdet.config import Config, config_from_dict, config_to_yaml
+from robustdet.errors import ConfigError
+from robustdet.plots.compare_figures import plot_comparison
+from robustdet.runs.compare import (
     baselines,
     build_comparison,
-    final_sigmas,
     group_runs,
     mean_std,
     paired_difference,
     t_interval,
 )
-from robustdet.config import Config, config_from_dict, config_to_yaml
-from robustdet.errors import ConfigError
-from robustdet.plots.compare_figures import plot_comparison
+from robustdet.runs.reader import Run, final_sigmas
 
 T_975_DF2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom (tables: 4.303)
 
@@ -90,7 +89,7 @@ def test_a_group_with_one_seed_shows_its_value_without_a_spread():
 
 
 def test_result_config_leaves_out_seed_and_settings_that_cannot_change_a_result(tmp_path):
-    from robustdet.compare import load_run
+    from robustdet.runs.reader import load_run
 
     for name, seed, workers in (("a", 0, 0), ("b", 1, 3)):
         d = tmp_path / name

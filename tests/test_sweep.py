@@ -13,7 +13,14 @@ import torch
 from robustdet.cli import main
 from robustdet.engine.evaluator import METRIC_NAMES
 from robustdet.errors import ConfigError
-from robustdet.sweep import build_cells, load_sweep_file, parse_grid_arg, parse_seeds, safe_name, spec_from_args
+from robustdet.runs.sweep_spec import (
+    build_cells,
+    load_sweep_file,
+    parse_grid_arg,
+    parse_seeds,
+    safe_name,
+    spec_from_args,
+)
 from tests.conftest import REPO, tiny_overrides
 
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -283,7 +290,7 @@ def _fake_trainer(monkeypatch, trained: list[str]):
 
 
 def test_a_cell_another_sweep_process_holds_is_left_to_it(tmp_path, monkeypatch, capsys):
-    from robustdet.sweep import claimed
+    from robustdet.runs.sweep import claimed
 
     trained: list[str] = []
     _fake_trainer(monkeypatch, trained)

@@ -133,59 +133,22 @@ def _cmd_noise(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from robustdet.report import make_report, metrics_markdown
+    from robustdet.runs.reader import read_metrics
 
     files = make_report(args.run_dir)
-    metrics_path = Path(args.run_dir) / "metrics.json"
-    if metrics_path.exists():
-        print(metrics_markdown(json.loads(metrics_path.read_text())))
+    if (Path(args.run_dir) / "metrics.json").exists():
+        print(metrics_markdown(read_metrics(args.run_dir)))
     print("report files:")
     for f in files:
         print(f"  {f}")
     return 0
 
 
-def _sweep_jobs(args: argparse.Namespace, cells: list, out: Path) -> list[str]:
-    """``--jobs N``: N sweep processes on one directory, each training the next cell nobody holds
-    (``sweep.claimed``), each with its share of the cores (OMP_NUM_THREADS) and its log in OUT/jobs/."""
-    import subprocess
-
-    from robustdet.sweep import cell_state, check_cell_config, write_summary
-
-    for c in cells:  # a folder holding another config: the one-line error here, not in N logs
-        check_cell_config(c, out / c.name)
-    cmd = [sys.executable, "-m", "robustdet", "sweep", args.config, *args.overrides, "--out", str(out)]
-    for g in args.grid:
-        cmd += ["--grid", g]
-    for o in args.only:
-        cmd += ["--only", o]
-    if args.seeds is not None:
-        cmd += ["--seeds", args.seeds]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
-    logs = out / "jobs"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for k in range(args.jobs):
-        with open(logs / f"job{k}.log", "a") as log:
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-    print(f"{args.jobs} sweep processes, {env['OMP_NUM_THREADS']} threads each; their output: {logs}/job*.log")
-    try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:  # the cells resume from their checkpoints on the next run
-        for p in procs:
-            p.terminate()
-        raise
-    write_summary(out, cells)
-    diverged = [c.name for c in cells if cell_state(out / c.name) == "diverged"]
-    failed = [k for k, rc in enumerate(codes) if rc != 0]
-    if failed and not diverged:  # a diverged cell alone makes its process exit non-zero; reported below
-        raise SweepFailed(f"sweep processes {failed} failed; see {logs}/job{failed[0]}.log")
-    return diverged
-
-
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from robustdet.errors import TrainingDiverged
-    from robustdet.sweep import build_cells, plan_text, run_sweep, select_cells, spec_from_args
+    from robustdet.runs.launch import child_args, launch
+    from robustdet.runs.sweep import plan_text
+    from robustdet.runs.sweep_spec import build_cells, select_cells, spec_from_args
 
     spec = spec_from_args(args.config, args.overrides, args.grid, args.seeds)
     cells = build_cells(spec)
@@ -194,9 +157,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan_text(spec, cells if only is None else only, out))
         return 0
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs {args.jobs}: must be at least 1")
-    diverged = _sweep_jobs(args, cells, out) if args.jobs > 1 else run_sweep(spec, cells, out, only=only)
+    child = child_args(args.config, args.overrides, args.grid, args.only, args.seeds, out)
+    diverged = launch(spec, cells, out, only=only, executor=args.executor, jobs=args.jobs, slurm=args.slurm,
+                      child_args=child)
     print(f"sweep directory: {out}  (summary.csv; compare with: robustdet compare {out})")
     if diverged:
         raise TrainingDiverged(f"{out}: {len(diverged)} cells diverged ({', '.join(diverged)}); see their events.jsonl")
@@ -204,8 +167,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from robustdet.compare import DEFAULT_METRICS, build_comparison, expand_run_dirs, load_run
-    from robustdet.report import compare_runs
+    from robustdet.runs.compare import DEFAULT_METRICS, build_comparison, format_runs
+    from robustdet.runs.reader import expand_run_dirs, load_run
 
     paths, notes = expand_run_dirs(args.run_dirs)
     metrics = _metric_names(args.metrics, "--metrics") if args.metrics else list(DEFAULT_METRICS)
@@ -213,11 +176,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.plot_metrics and not args.plot:
         raise ConfigError("compare: --plot-metrics needs --plot DIR (where the figures go)")
     by = args.by.split(",") if args.by else None
-    comp = build_comparison([load_run(p) for p in paths], args.baseline, by, metrics, notes)
+    runs = [load_run(p) for p in paths]
+    comp = build_comparison(runs, args.baseline, by, metrics, notes)
     for w in comp.warnings:
         print(f"robustdet compare: warning: {w}", file=sys.stderr)
     if not (comp.replicated or args.baseline or args.plot):
-        print(compare_runs(paths))  # one run per setting: the plain side-by-side table
+        print(format_runs(runs, metrics))  # one run per setting: the plain side-by-side table
         print("".join(f"note: {n}\n" for n in notes), end="")
         return 0
     print(comp.text())
@@ -278,8 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="train only the cells with these labels (repeatable); summary.csv still lists every finished cell",
     )  # fmt: skip
     p.add_argument(
-        "--jobs", type=int, default=1, metavar="N",
-        help="train N cells at a time, in N processes sharing the cores (default 1)",
+        "--jobs", type=int, metavar="N",
+        help="train N cells at a time: in N processes sharing the cores (default 1), or N jobs at a time "
+        "with --executor",
+    )  # fmt: skip
+    p.add_argument(
+        "--executor", choices=["slurm", "local"],
+        help="one submitit job per cell: on SLURM, or as local processes (docs/distributed.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--slurm", action="append", default=[], metavar="KEY=VALUE",
+        help="a submitit option over the sweep file's slurm: section (repeatable): partition=gpu timeout_min=240",
     )  # fmt: skip
     p.set_defaults(func=_cmd_sweep)
 

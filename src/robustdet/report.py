@@ -1,8 +1,8 @@
-"""Plots and tables that show what the methods did in a run: ``robustdet report`` and ``compare``."""
+"""``robustdet report``: plots and a metrics table that show what the methods did in one run directory
+(read through ``runs/reader.py``; the tables over several runs are ``runs/compare.py``'s)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from robustdet.engine.evaluator import METRIC_NAMES
-from robustdet.files import read_jsonl
+from robustdet.plots.detection_plots import detection_report
+from robustdet.runs.reader import read_log, read_metrics
 
 
 def _series_plot(
@@ -39,34 +40,6 @@ def _series_plot(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-# log keys written before logging was generic (robustdet <= stop 7), read as the generic names
-_RLO_ACTIONS = ("a0_avw", "a1_smallest_loss", "a2_largest_loss", "a3_equal")
-
-
-def upgrade_record(rec: dict[str, Any]) -> dict[str, Any]:
-    """A ``log.jsonl`` record with the old RLO and log-variance keys renamed to the generic ones."""
-    out = dict(rec)
-    if "rlo_probabilities" in out:
-        for name, p in zip(_RLO_ACTIONS, out.pop("rlo_probabilities"), strict=True):
-            out[f"weighting/action_probability/{name}"] = p
-    if "rlo_action" in out:
-        action = out.pop("rlo_action")
-        out["weighting/action"] = -1 if action is None else action
-    for key in [k for k in out if k.startswith("log_var_") and isinstance(out[k], float)]:
-        task = key.removeprefix("log_var_")
-        s = out.pop(key)
-        out[f"loss/log_var/{task}"] = s
-        out[f"loss/sigma/{task}"] = math.exp(s / 2)
-    if "rpn_cls" in out and "extra_level_names" not in out:
-        out["extra_level_names"] = [f"P{k + 2}" for k in range(len(out["rpn_cls"]))]
-    return out
-
-
-def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's ``log.jsonl`` records, old keys upgraded (:func:`upgrade_record`)."""
-    return [upgrade_record(r) for r in read_jsonl(run_dir / "log.jsonl")]
 
 
 def _vector_series(records: list[dict[str, Any]], key: str, names: list[str]) -> dict[str, list[float]]:
@@ -149,16 +122,13 @@ def make_report(run_dir: str | Path) -> list[Path]:
         name = f"{stems.pop()}_losses.png" if len(stems) == 1 else "extra_losses.png"
         files.append(_series_plot(out / name, iters, extra,
                                   "losses outside the weighting, per level (unweighted)", "loss", logy=True))
-    from robustdet.plots.detection_plots import detection_report
-
     # PR curves, confusion matrix, AP against iteration (eval.jsonl, detections.json, data.val)
     detection_files, notes = detection_report(run_dir, out)
     files.extend(detection_files)
     for note in notes:
         print(f"robustdet report: note: {note}")
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.exists():
-        metrics = json.loads(metrics_path.read_text())
+    if (run_dir / "metrics.json").exists():
+        metrics = read_metrics(run_dir)
         md = out / "metrics.md"
         md.write_text(metrics_markdown(metrics))
         files.append(md)
@@ -176,24 +146,4 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_runs(run_dirs: list[str | Path], metrics: list[str] | None = None) -> str:
-    """A side-by-side table of the runs' final metrics (and final σ where Bayesian)."""
-    metrics = metrics or ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]
-    rows = []
-    for d in map(Path, run_dirs):
-        path = d / "metrics.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: the run has no final metrics (did it finish?)")
-        m = json.loads(path.read_text())["bbox"]
-        last = read_log(d)
-        extra = ""
-        if last:
-            sig = {k.removeprefix("loss/sigma/"): v for k, v in last[-1].items() if k.startswith("loss/sigma/")}
-            extra = " ".join(f"σ_{k}={v:.3f}" for k, v in sig.items())
-        rows.append((d.name, [m[k] for k in metrics], extra))
-    width = max(len(r[0]) for r in [*rows, ("run", [], "")])
-    head = f"{'run':<{width}} " + " ".join(f"{k:>6}" for k in metrics) + "  notes"
-    lines = [head, "-" * len(head)]
-    for name, vals, extra in rows:
-        lines.append(f"{name:<{width}} " + " ".join(f"{v:6.1f}" for v in vals) + f"  {extra}")
-    return "\n".join(lines)
+__all__ = ["field_families", "make_report", "metrics_markdown"]

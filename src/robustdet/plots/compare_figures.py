@@ -1,6 +1,6 @@
 """Figures of ``robustdet compare --plot``: AP against iteration per group (mean over seeds with a ±1 std
 band), the final AP per group (mean with ±1 std error bars and each seed as a dot), and, with a baseline,
-the paired difference to it with its 95 % t interval (statistics in robustdet.compare)."""
+the paired difference to it with its 95 % t interval (statistics in robustdet.runs.compare)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from robustdet.compare import Group, mean_std, paired_difference
+from robustdet.runs.compare import Group, mean_std, paired_difference
 
 
 def _facets(groups: Sequence[Group]) -> tuple[str | None, list[str], dict[str, str]]:

@@ -10,7 +10,6 @@ A areas, M maxDets], -1 where a class has no ground truth); the confusion matrix
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from torchvision.ops import box_convert, box_iou
 
 from robustdet.engine.evaluator import run_cocoeval
+from robustdet.runs.reader import read_detections, read_evals, run_config
 
 # Above this many classes the PR plot draws thin grey lines without a legend, and the confusion matrix
 # has no numbers in its cells (Ultralytics draws the same way: a legend of 80 names hides the curves).
@@ -194,17 +194,16 @@ def plot_ap_vs_iteration(path: Path, evals: list[dict[str, Any]]) -> Path:
 def detection_report(run_dir: Path, out: Path, score_thresh: float = 0.25) -> tuple[list[Path], list[str]]:
     """The plots above for a run directory: the files written, and a note for each plot left out (no
     ``eval.jsonl``, no ``detections.json``, a ``data.val`` that cannot be read any more)."""
-    from robustdet.report import read_jsonl
-
     files: list[Path] = []
     notes: list[str] = []
-    evals = [r for r in read_jsonl(run_dir / "eval.jsonl") if "bbox" in r]
+    evals = read_evals(run_dir)
     if evals:
         files.append(plot_ap_vs_iteration(out / "ap_vs_iteration.png", evals))
     else:
         notes.append(f"{run_dir / 'eval.jsonl'}: no evaluations, no ap_vs_iteration.png")
     det_path = run_dir / "detections.json"
-    if not det_path.exists():
+    results = read_detections(run_dir)
+    if results is None:
         notes.append(f"{det_path}: absent (written by the final evaluation), no PR curves or confusion matrix")
         return files, notes
     try:
@@ -212,7 +211,6 @@ def detection_report(run_dir: Path, out: Path, score_thresh: float = 0.25) -> tu
     except Exception as exc:  # the report's other plots must not depend on the dataset still being there
         notes.append(f"{run_dir / 'config.yaml'}: data.val cannot be read ({exc}); no PR curves or confusion matrix")
         return files, notes
-    results = json.loads(det_path.read_text())
     category_ids = sorted(int(c) for c in coco_gt.getCatIds())
     names = [coco_gt.cats[c]["name"] for c in category_ids]
     if results:
@@ -230,9 +228,8 @@ def detection_report(run_dir: Path, out: Path, score_thresh: float = 0.25) -> tu
 def _val_ground_truth(run_dir: Path) -> tuple[Any, list[int]]:
     """The run's ``data.val`` as the evaluator saw it (``DetectionDataset.coco``) and the images it
     evaluated (the first ``eval.max_images``, as ``build_eval_loader`` takes them)."""
-    from robustdet.config import load_config
     from robustdet.data import build_dataset
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = run_config(run_dir)
     dataset = build_dataset(cfg.data.val, cfg.data, train=False)
     return dataset.coco, list(dataset.image_ids[: cfg.eval.max_images])

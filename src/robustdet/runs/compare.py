@@ -10,59 +10,31 @@ With n seeds per group:
   the initialisation and the data order, so the two runs of a seed share them), reported as the mean of
   d and its 95 % t interval, mean(d) ± t_{0.975, n-1} · std(d) / sqrt(n). The interval needs n >= 2.
 
-Everything here is a pure function of ``Run`` records, so it can be tested on made-up metrics;
-``load_run`` and ``expand_run_dirs`` are the only functions that read files.
+Everything here is a pure function of ``Run`` records (``runs/reader.py`` reads them), so it can be tested
+on made-up metrics. The tables are written here and nowhere else: one row per run (``format_runs``), one per
+group of seeds (``format_groups``), and the paired differences (``format_differences``).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from scipy import stats
 
 from robustdet.errors import ConfigError
-from robustdet.files import read_jsonl
+from robustdet.runs.reader import Run
+from robustdet.runs.settings import matches, value_text
 
-# Settings that cannot change what a run learns or scores (data order does not depend on the worker count,
-# evaluation saves and restores the random streams, docs/robustness.md): runs that differ only here are
-# the same experiment.
-IGNORED_KEYS: tuple[str, ...] = (
-    "log.",
-    "checkpoint.",
-    "data.num_workers",
-    "data.synthetic.cache_dir",
-    "data.verify_images",
-    "train.num_threads",
-    "train.dist_timeout_s",
-    "eval.period",
-)
 # Without --by and without a sweep's record of its grid, the compared factors are the methods.
 DEFAULT_FACTORS: tuple[str, ...] = ("loss.", "weighting.")
 DEFAULT_METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 ABSENT = "<absent>"
-
-
-@dataclass
-class Run:
-    """One finished run, as far as the statistics need it."""
-
-    name: str
-    seed: int
-    config: dict[str, Any]  # flattened, dotted keys, without ``seed``
-    metrics: dict[str, float]  # final COCO numbers (percent)
-    sigmas: dict[str, float] = field(default_factory=dict)  # final σ = exp(s/2) per task
-    labels: dict[str, str] | None = None  # the sweep's axis labels (cell.json), if it came from a sweep
-    grid_keys: tuple[str, ...] = ()  # the dotted keys the sweep's grid sets
-    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # eval.jsonl: (iteration, bbox)
-    path: Path | None = None
 
 
 @dataclass
@@ -125,39 +97,6 @@ def paired_difference(
 
 
 # ------------------------------------------------------------------------------------------------ grouping
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def _matches(key: str, patterns: Iterable[str]) -> bool:
-    """``patterns`` hold exact keys, and prefixes ending with a dot (a whole section)."""
-    return any(key == p or (p.endswith(".") and key.startswith(p)) or key.startswith(p + ".") for p in patterns)
-
-
-def yaml_inline(value: Any) -> str:
-    """``value`` as one line of YAML that reads back as the same value (``'20'`` for the string 20)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip().removesuffix("...").strip()
-
-
-def value_text(value: Any) -> str:
-    """A config value as a label shows it: ``true``, ``avw``, ``[8, 16]`` (strings unquoted)."""
-    return value if isinstance(value, str) else yaml_inline(value)
-
-
-def result_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The flattened config without ``seed`` and the settings in IGNORED_KEYS."""
-    flat = flatten(config)
-    return {k: v for k, v in flat.items() if k != "seed" and not _matches(k, IGNORED_KEYS)}
-
-
 def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
     """Keys (in first-seen order) whose value is not the same in all ``configs`` (a missing key counts)."""
     keys = list(dict.fromkeys(k for c in configs for k in c))
@@ -254,8 +193,8 @@ def unintended_differences(groups: Sequence[Group], factors: Sequence[str]) -> d
     for key in keys:
         # a compared component's own settings come with it (interval with avw, none with equal)
         section = key.split(".")[0] + "."
-        component_compared = section in _COMPONENT_KEYS and _matches(_COMPONENT_KEYS[section], factors)
-        if not _matches(key, factors) and not (component_compared and follows_component(key, keys, configs)):
+        component_compared = section in _COMPONENT_KEYS and matches(_COMPONENT_KEYS[section], factors)
+        if not matches(key, factors) and not (component_compared and follows_component(key, keys, configs)):
             out[key] = list(dict.fromkeys(value_text(c.get(key, ABSENT)) for c in configs))
     return out
 
@@ -317,10 +256,10 @@ def sigma_names(groups: Sequence[Group]) -> list[str]:
     return [f"σ_{t}" for t in dict.fromkeys(t for g in groups for r in g.runs for t in r.sigmas)]
 
 
-def _fmt(x: float, sign: bool = False) -> str:
+def _fmt(x: float, sign: bool = False, digits: int = 2) -> str:
     if math.isnan(x):
         return "nan"
-    return f"{x:+.2f}" if sign else f"{x:.2f}"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
 def format_groups(groups: Sequence[Group], metrics: Sequence[str] = DEFAULT_METRICS) -> str:
@@ -365,14 +304,24 @@ def format_differences(
     return _table(["group", "baseline", "n", *metrics], rows, left=2)
 
 
-def _table(head: list[str], rows: list[list[str]], left: int = 1) -> str:
-    """Plain-text columns: the first ``left`` left-aligned (names), the rest right-aligned (numbers)."""
+def format_runs(runs: Sequence[Run], metrics: Sequence[str] = DEFAULT_METRICS) -> str:
+    """One row per run, side by side: its final metrics, and its final σ per task where Bayesian (``notes``)."""
+    rows = []
+    for r in runs:
+        cells = [_fmt(r.metrics[m], digits=1) if m in r.metrics else "-" for m in metrics]
+        rows.append([r.name, *cells, " ".join(f"σ_{t}={s:.3f}" for t, s in r.sigmas.items())])
+    return _table(["run", *metrics, "notes"], rows, last_left=True)
+
+
+def _table(head: list[str], rows: list[list[str]], left: int = 1, last_left: bool = False) -> str:
+    """Plain-text columns: the first ``left`` left-aligned (names), the rest right-aligned (numbers) but for
+    the last with ``last_left`` (notes)."""
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    ends = len(head) - 1 if last_left else len(head)
 
     def line(r: list[str]) -> str:
-        return "  ".join(
-            f"{c:<{w}}" if i < left else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
+        cells = enumerate(zip(r, widths, strict=True))
+        return "  ".join(f"{c:<{w}}" if i < left or i >= ends else f"{c:>{w}}" for i, (c, w) in cells).rstrip()
 
     return "\n".join([line(head), "-" * len(line(head)), *map(line, rows)])
 
@@ -444,116 +393,18 @@ def build_comparison(
                       notes=all_notes)
 
 
-# ------------------------------------------------------------------------------------------------- reading
-def final_sigmas(record: dict[str, Any]) -> dict[str, float]:
-    """σ = exp(s/2) per task from a log.jsonl record: ``log_var_<task>`` or ``loss/log_var/<task>``."""
-    out = {}
-    for key, value in record.items():
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            continue  # e.g. log_var_out_of_range, a dict
-        for prefix in ("log_var_", "loss/log_var/"):
-            if key.startswith(prefix):
-                out[key.removeprefix(prefix)] = math.exp(float(value) / 2)
-    return out
-
-
-def last_log_record(path: Path) -> dict[str, Any]:
-    """The last whole step record of a ``log.jsonl`` ({} when there is none)."""
-    steps = [rec for rec in read_jsonl(path) if "event" not in rec]
-    return steps[-1] if steps else {}
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc})") from None
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """A finished run directory (``config.yaml``, ``metrics.json``; ``log.jsonl``, ``eval.jsonl``, a sweep's
-    ``cell.json`` where present)."""
-    d = Path(run_dir)
-    cfg_path, metrics_path = d / "config.yaml", d / "metrics.json"
-    if not metrics_path.exists():
-        raise FileNotFoundError(f"{metrics_path}: the run has no final metrics (did it finish?)")
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path}: the run has no config.yaml to group it by")
-    try:
-        config = yaml.safe_load(cfg_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{cfg_path}: not valid YAML ({exc})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{cfg_path}: the top level must be a mapping")
-    metrics = _read_json(metrics_path).get("bbox", {})
-    evals = []
-    eval_path = d / "eval.jsonl"
-    if eval_path.exists():
-        for line in eval_path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                evals.append((int(rec["iter"]), rec["bbox"]))
-    cell = _read_json(d / "cell.json") if (d / "cell.json").exists() else {}
-    return Run(
-        name=d.name,
-        seed=int(config.get("seed", 0)),
-        config=result_config(config),
-        metrics={k: float(v) for k, v in metrics.items()},
-        sigmas=final_sigmas(last_log_record(d / "log.jsonl")),
-        labels=cell.get("labels"),
-        grid_keys=tuple(cell.get("grid_keys", ())),
-        evals=evals,
-        path=d,
-    )
-
-
-def _summary_order(path: Path) -> dict[str, int]:
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        return {row["cell"]: i for i, row in enumerate(csv.DictReader(f)) if row.get("cell")}
-
-
-def expand_run_dirs(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
-    """Run directories, with a sweep's output folder replaced by its finished cells (unfinished ones are
-    listed in the notes); the same folder given twice counts once."""
-    out: list[Path] = []
-    notes: list[str] = []
-    for p in map(Path, paths):
-        if not p.is_dir():
-            raise FileNotFoundError(f"{p}: no such run directory")
-        if (p / "config.yaml").exists() or (p / "metrics.json").exists():
-            out.append(p)
-            continue
-        cells = sorted(c for c in p.iterdir() if c.is_dir() and (c / "cell.json").exists())
-        order = _summary_order(p / "summary.csv")
-        # the sweep's own order (its grid as written, baseline first), not the alphabet
-        cells.sort(key=lambda c: order.get(c.name, len(order)))
-        if not cells:
-            raise FileNotFoundError(f"{p}: neither a run directory (config.yaml) nor a sweep's (cell folders)")
-        for c in cells:
-            if (c / "metrics.json").exists():
-                out.append(c)
-            else:
-                notes.append(f"{c}: not finished, left out")
-    unique = list({p.resolve(): p for p in out}.values())
-    return unique, notes
-
-
 __all__ = [
     "DEFAULT_METRICS",
-    "IGNORED_KEYS",
+    "Comparison",
     "Group",
     "PairedDifference",
-    "Run",
     "baselines",
-    "expand_run_dirs",
+    "build_comparison",
     "factor_keys",
-    "final_sigmas",
     "format_differences",
     "format_groups",
+    "format_runs",
     "group_runs",
-    "load_run",
     "mean_std",
     "paired_difference",
     "t_interval",
