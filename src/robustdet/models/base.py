@@ -27,7 +27,8 @@ from robustdet import distributed as dist
 from robustdet.losses import LogVariances, LossConfig
 from robustdet.section import Section
 
-BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
+# "tiny": a test-sized body for tests and smoke runs (models/backbones.py, TinyBody)
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "tiny"]
 
 
 class ModelSection(Section):
