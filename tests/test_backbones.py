@@ -67,7 +67,7 @@ def test_tiny_freezing_rule_counts_stages_from_the_top(layers: int, frozen: int)
 
 
 def test_tiny_has_no_torchvision_weights() -> None:
-    with pytest.raises(ValueError, match="model.backbone=tiny has no torchvision weights"):
+    with pytest.raises(ValueError, match="tiny has no torchvision weights"):
         build_backbone(_cfg(backbone="tiny", backbone_weights="ResNet18_Weights.IMAGENET1K_V1"), "p3p7")
 
 

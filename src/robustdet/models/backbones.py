@@ -155,10 +155,8 @@ def freeze_layers(net: nn.Module, family: str, trainable_layers: int) -> None:
     """
     if family in ("resnet", "tiny"):
         if not 0 <= trainable_layers <= 5:
-            raise ValueError(
-                f"model.trainable_backbone_layers must be in [0, 5] for a {'ResNet' if family == 'resnet' else 'tiny body'}, "
-                f"got {trainable_layers}"
-            )
+            what = "a ResNet" if family == "resnet" else "the tiny body"
+            raise ValueError(f"model.trainable_backbone_layers must be in [0, 5] for {what}, got {trainable_layers}")
         stages = RESNET_TRAINABLE if family == "resnet" else TINY_TRAINABLE
         keep = list(stages[:trainable_layers]) + (["bn1"] if family == "resnet" and trainable_layers == 5 else [])
         for name, p in net.named_parameters():
