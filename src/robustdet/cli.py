@@ -132,7 +132,7 @@ def _cmd_noise(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from robustdet.report import make_report, metrics_markdown
+    from robustdet.report import make_report, methods_summary, metrics_markdown, read_log
 
     files = make_report(args.run_dir)
     metrics_path = Path(args.run_dir) / "metrics.json"
@@ -141,6 +141,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print("report files:")
     for f in files:
         print(f"  {f}")
+    print("\n".join(methods_summary(read_log(Path(args.run_dir)))))
     return 0
 
 

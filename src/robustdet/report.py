@@ -176,6 +176,30 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def methods_summary(records: list[dict[str, Any]]) -> list[str]:
+    """Plain lines on what the methods did: final σ per task (Bayesian losses), RLO's actions, final w_i."""
+    last = records[-1]
+    lines = []
+    sigma = [k for k in last if k.startswith("loss/sigma/")]
+    if sigma:
+        first = records[0]
+        shown = ", ".join(
+            f"σ_{k.removeprefix('loss/sigma/')} {last[k]:.3f} (iteration {first['iter']}: {first.get(k, math.nan):.3f})"
+            for k in sigma
+        )
+        lines.append(f"Bayesian losses, σ = exp(s/2) at iteration {last['iter']}: {shown}")
+    if f"weighting/action_probability/{_RLO_ACTIONS[0]}" in last:
+        actions = [r["weighting/action"] for r in records if r.get("weighting/action", -1) >= 0]
+        counts = ", ".join(f"{name} {actions.count(k)}" for k, name in enumerate(_RLO_ACTIONS))
+        probs = ", ".join(f"{name} {last[f'weighting/action_probability/{name}']:.2f}" for name in _RLO_ACTIONS)
+        lines.append(f"RLO: action in force at {len(actions)} of {len(records)} logged iterations: {counts}")
+        lines.append(f"RLO: final action probabilities {probs}")
+    if "level_weights" in last:
+        weights = ", ".join(f"{n} {w:.2f}" for n, w in zip(last["level_names"], last["level_weights"], strict=False))
+        lines.append(f"final level weights: {weights}")
+    return lines
+
+
 def compare_runs(run_dirs: list[str | Path], metrics: list[str] | None = None) -> str:
     """A side-by-side table of the runs' final metrics (and final σ where Bayesian)."""
     metrics = metrics or ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]
