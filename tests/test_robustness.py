@@ -29,8 +29,12 @@ from tests.conftest import REPO, same_state, tiny_overrides
 from tests.test_bad_input import coco_overrides, make_coco, truncate, write_image
 
 CONFIG = str(REPO / "configs" / "default.yaml")
-# RLO with a short window, Bayesian losses (log-variances), a checkpoint every 2 iterations
+# RLO with a short window, Bayesian losses (log-variances), a checkpoint every 2 iterations. ResNet-18, not
+# tiny_overrides' tiny body: the kills land at random moments inside a run, which needs iterations that take
+# a while (a tiny run is over before the kill), and the DDP runs here and in test_multinode.py need DDP's
+# several gradient buckets (ResNet-18's 45 MB of gradients against the 25 MB bucket; the tiny body fits one).
 RESUME: dict[str, object] = {
+    "model.backbone": "resnet18",
     "train.max_iter": 10,
     "checkpoint.period": 2,
     "weighting.name": "rlo",
