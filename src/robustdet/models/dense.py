@@ -11,6 +11,7 @@ training loss runs in three steps (``compute_level_losses``):
 (c) ``level_output``: each summed per level over the contiguous anchor segments of each level
     (``base.level_sums``) and normalised (``base.normalise``).
 
+``annotation_losses`` runs (a) and (b) without gradient and sums the per-anchor losses per annotation.
 This class holds the forward pass, the anchors, the detection post-processing, the classification loss,
 the box loss (``losses.box.BOX_LOSSES`` says whether it needs decoded boxes) and steps (c) and the
 per-annotation sums; a subclass gives (a), (b) and its box encoding (``encode_boxes``, ``decode_boxes``).
@@ -152,6 +153,38 @@ class DenseDetector(Detector):
         self, outputs: dict[str, Tensor], anchors: Tensor, assignment: Assignment
     ) -> dict[str, TaskLoss]:
         """Step (b): named per-anchor losses [B, A], zero where they do not apply; "cls" and "reg" always."""
+
+    @torch.no_grad()
+    def annotation_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Per image and annotation j: the summed per-anchor losses of the anchors assigned to j.
+
+        One dict per image: "cls" [N_b] (Σ_c of the focal loss of those anchors), "box" [N_b] (their box
+        loss) and "anchors" [N_b] int64 (how many anchors j got; 0 when none, and then both sums are 0).
+        The losses are the plain ones (σ = 1 when ``loss.bayesian``, no α with ``model.box_uncertainty``),
+        so they compare across models; ``targets`` are in the images' own pixels (the transform resizes
+        them as in training). Runs in the module's current mode: call ``eval()`` first for a trained
+        model (BatchNorm statistics would otherwise move). Built on steps (a) and (b) of the loss.
+        """
+        self._check_target_shapes(targets, len(images))
+        image_list, resized = self.transform(images, [dict(t) for t in targets])  # type: ignore[attr-defined]
+        self._check_boxes(resized)
+        features = self.backbone(image_list.tensors)  # type: ignore[attr-defined]
+        feature_list = [features] if isinstance(features, Tensor) else list(features.values())
+        anchors, counts = self.batch_anchors(image_list, feature_list)
+        outputs, anchors = self.loss_inputs(self.head(feature_list), anchors)  # type: ignore[attr-defined]
+        assignment = self.assign(resized, anchors, counts)
+        parts = self.anchor_losses(outputs, anchors, assignment)
+        num_boxes = [int(t["boxes"].shape[0]) for t in targets]
+        ones = assignment.foreground.to(torch.int64)
+        sums = {
+            name: assignment.per_annotation(p.value if p.plain is None else p.plain, num_boxes)
+            for name, p in (("cls", parts["cls"]), ("box", parts["reg"]))
+        }
+        counts_per_box = assignment.per_annotation(ones, num_boxes)
+        return [
+            {"cls": c, "box": b, "anchors": n}
+            for c, b, n in zip(sums["cls"], sums["box"], counts_per_box, strict=True)
+        ]
 
     @abc.abstractmethod
     def encode_boxes(self, boxes: Tensor, anchors: Tensor) -> Tensor:
