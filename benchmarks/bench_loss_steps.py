@@ -1,5 +1,7 @@
 """Two side-by-side CPU timings in one process, alternating the two sides so that drift hits both alike.
 
+Order: A B, then B A, repeat after repeat.
+
 1. ``split``: the dense loss in steps (assign → anchor_losses → level_output, ``models/dense.py``) against
    the one-block loss it replaced, RetinaNet. The old ``dense.py`` and ``retinanet.py`` are read from git
    (``--old-rev``, default the commit before the split) into temporary modules; both models get the same
@@ -72,8 +74,9 @@ def alternate(a: Callable[[], None], b: Callable[[], None], repeats: int, warmup
         a()
         b()
     ta, tb = [], []
-    for _ in range(repeats):
-        for fn, out in ((a, ta), (b, tb)):
+    for i in range(repeats):
+        # ABBA: which side runs first swaps every repeat (measured: ±5 % from the order alone)
+        for fn, out in ((a, ta), (b, tb))[:: 1 if i % 2 == 0 else -1]:
             start = time.perf_counter()
             fn()
             out.append((time.perf_counter() - start) * 1e3)
@@ -119,7 +122,8 @@ def bench_split(args: argparse.Namespace) -> list[str]:
     old = old_cls.from_config(cfg.model, cfg.loss, args.num_classes).train()
     old.load_state_dict(new.state_dict())
     images, targets = make_batch(16, 128, 6, args.num_classes)
-    a, b = float(new(images, targets).level_losses.sum()), float(old(images, targets).level_losses.sum())
+    with torch.no_grad():
+        a, b = float(new(images, targets).level_losses.sum()), float(old(images, targets).level_losses.sum())
     if abs(a - b) > 1e-5 * abs(b):
         raise RuntimeError(f"the split loss {a} differs from the old one {b}")
     step = alternate(stepper(new, images, targets), stepper(old, images, targets), args.repeats, args.warmup)

@@ -36,6 +36,8 @@ Bayesian (``loss.bayesian``, Eq. 19 of Khanzhina et al.): FL becomes the Bayesia
 (Eq. 16) and SmoothL1 the Bayesian smooth L1 with s_reg (Eq. 14) on the stride-normalised distances.
 GIoU has no Bayesian form (the config rejects bayesian + giou), L1 has no threshold β for Eq. 14 (rejected
 here), and the centerness term stays the plain BCE: it is neither of the two tasks Eq. 19 models.
+With ``model.box_uncertainty`` the smooth L1 (or L1) becomes the KL-Loss with one α per stride-normalised
+distance (``losses/box_uncertainty.py``); GIoU cannot take it (refused).
 """
 
 from __future__ import annotations

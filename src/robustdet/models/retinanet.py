@@ -15,7 +15,9 @@ Loss (``docs/models.md``), for image b, level i, anchors a of that level, n_b fo
 with N the per-image or per-batch normalisation of ``base.normalise``; Σ_i L_i is torchvision's
 ``classification + bbox_regression`` for per_image, cls_weight 1 and the same box loss. With
 ``loss.bayesian`` (Eq. 19 of Khanzhina et al.) FL becomes the Bayesian focal loss with s_cls (Eq. 16) and
-ℓ the Bayesian smooth L1 with s_reg (Eq. 14), normalised the same way.
+ℓ the Bayesian smooth L1 with s_reg (Eq. 14), normalised the same way. With ``model.box_uncertainty`` ℓ
+becomes the KL-Loss e^(−α)·ℓ + α/2 per delta with the head's α (He et al. 2019 Eq. 9/10,
+``losses/box_uncertainty.py``), blended in over ``loss.box_uncertainty_warmup``.
 """
 
 from __future__ import annotations
