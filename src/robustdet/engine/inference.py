@@ -18,7 +18,7 @@ from robustdet.config import Config, config_from_stored
 from robustdet.data import read_image
 from robustdet.data.yolo import IMAGE_SUFFIXES
 from robustdet.engine.checkpoint import load_checkpoint
-from robustdet.engine.trainer import resolve_device
+from robustdet.engine.runtime import resolve_device
 from robustdet.errors import CheckpointError, ConfigError
 from robustdet.models import build_model
 
