@@ -204,3 +204,11 @@ def test_cli_trains_with_box_uncertainty_and_resumes_exactly(name: str, tmp_path
     assert any("bbox_log_var" in k for k in a)
     for k, v in a.items():
         assert torch.equal(v, b[k]), k
+
+
+def test_cli_refuses_giou_with_box_uncertainty_in_one_line(tmp_path: Path, capsys) -> None:
+    extra = {"model.box_uncertainty": "true", "loss.bayesian": "false", "loss.box_loss": "giou"}
+    argv = ["train", CONFIG, *tiny_overrides(tmp_path, extra), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "model.box_uncertainty=true" in err[0] and "loss.box_loss=giou" in err[0], err
