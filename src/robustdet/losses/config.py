@@ -23,6 +23,10 @@ class LossConfig(Section):
     # initial s per task; None: the detector's own (``Detector.loss_tasks``, the paper's s_reg 1, s_cls 0)
     log_var_init: dict[str, float] | None = None
     log_var_range: tuple[float, float] | None = None
+    # model.box_uncertainty (KL-Loss, losses/box_uncertainty.py): the range every α = log σ² per box
+    # coordinate is clamped to (probdet's), and the iterations over which the KL term is blended in
+    box_log_var_range: tuple[float, float] = (-7.0, 7.0)
+    box_uncertainty_warmup: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> LossConfig:
@@ -40,6 +44,8 @@ class LossConfig(Section):
             raise ValueError("loss.beta must be > 0 with loss.bayesian=true (Eq. 14 divides by it)")
         if self.log_var_range is not None and self.log_var_range[0] >= self.log_var_range[1]:
             raise ValueError("loss.log_var_range must be (low, high) with low < high")
+        if self.box_log_var_range[0] >= self.box_log_var_range[1]:
+            raise ValueError("loss.box_log_var_range must be (low, high) with low < high")
         return self
 
 

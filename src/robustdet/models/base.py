@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from robustdet import distributed as dist
-from robustdet.losses import LogVariances, LossConfig
+from robustdet.losses import LogVariances, LossConfig, box_loss_row
 from robustdet.section import Section
 
 # "tiny": a test-sized body for tests and smoke runs (models/backbones.py, TinyBody)
@@ -59,6 +59,8 @@ class ModelSection(Section):
     score_thresh: float = Field(0.05, ge=0, le=1)
     nms_thresh: float = Field(0.5, gt=0, le=1)
     detections_per_img: int = Field(100, ge=1)
+    # α = log σ² per box regression output, trained with the KL-Loss (losses/box_uncertainty.py)
+    box_uncertainty: bool = False
 
     def transform_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of torchvision's ``GeneralizedRCNNTransform`` every detector passes on."""
@@ -82,6 +84,21 @@ def check_per_level(key: str, values: list[float], num_levels: int, what: str) -
     """A list setting needs exactly one value per pyramid level."""
     if len(values) != num_levels:
         raise ValueError(f"model.{key} needs one {what} per level ({num_levels}), got {len(values)}: {values}")
+
+
+def box_uncertainty_conflict(loss: LossConfig) -> str | None:
+    """Why ``model.box_uncertainty`` cannot go with ``loss`` (one line naming both keys), or None."""
+    if box_loss_row(loss).decoded:
+        return (
+            f"model.box_uncertainty=true needs loss.box_loss l1 or smooth_l1: loss.box_loss={loss.box_loss} "
+            "compares decoded boxes, and the KL-Loss puts one α on each regressed delta"
+        )
+    if loss.bayesian:
+        return (
+            "model.box_uncertainty=true with loss.bayesian=true: the box loss would carry both a σ per box and "
+            "the task's σ (s_reg); set one of them to false (docs/losses.md)"
+        )
+    return None
 
 
 @dataclass
@@ -178,6 +195,50 @@ class Detector(abc.ABC):
     num_classes: int
     loss_cfg: LossConfig
     log_variances: LogVariances | None
+    box_uncertainty: bool = False
+
+    def setup_losses(
+        self,
+        loss: LossConfig,
+        num_classes: int,
+        level_names: list[str],
+        log_variances: LogVariances | None,
+        box_uncertainty: bool = False,
+    ) -> None:
+        """The loss state every detector's ``__init__`` sets (after ``nn.Module.__init__``), with its checks.
+
+        With ``box_uncertainty`` the module gets the buffer ``box_uncertainty_iter`` (int64 []), the number
+        of training forwards so far: the warm-up of the KL-Loss reads it (``box_uncertainty_weight``), and
+        being in the state dict it resumes exactly with no help from the trainer.
+        """
+        if loss.bayesian and log_variances is None:
+            raise ValueError(f"loss.bayesian=true needs log_variances ({', '.join(self.loss_tasks)})")
+        if box_uncertainty and (reason := box_uncertainty_conflict(loss)) is not None:
+            raise ValueError(reason)
+        self.loss_cfg = loss
+        self.num_classes = num_classes
+        self.level_names = list(level_names)
+        self.log_variances = log_variances if loss.bayesian else None
+        self.box_uncertainty = box_uncertainty
+        if box_uncertainty:
+            as_module(self).register_buffer("box_uncertainty_iter", torch.zeros((), dtype=torch.int64))
+
+    def box_uncertainty_weight(self) -> float | Tensor:
+        """w = min(1, iteration / ``loss.box_uncertainty_warmup``) of the KL-Loss blend; 1 without warm-up.
+
+        A 0-dim tensor computed on the device from the buffer, so reading it costs no host sync.
+        """
+        warmup = self.loss_cfg.box_uncertainty_warmup
+        if warmup == 0:
+            return 1.0
+        step: Tensor = as_module(self).get_buffer("box_uncertainty_iter")
+        return (step.to(torch.float32) / float(warmup)).clamp(max=1.0)
+
+    def count_training_forward(self) -> None:
+        """One more training forward for the warm-up (a no-op without ``box_uncertainty``)."""
+        if self.box_uncertainty:
+            with torch.no_grad():
+                as_module(self).get_buffer("box_uncertainty_iter").add_(1)
 
     @classmethod
     @abc.abstractmethod
@@ -293,6 +354,7 @@ __all__ = [
     "DetectorLosses",
     "ModelSection",
     "as_module",
+    "box_uncertainty_conflict",
     "check_per_level",
     "foreground_normaliser",
     "level_sums",

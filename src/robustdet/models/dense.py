@@ -1,18 +1,28 @@
 """The parent of the dense (one-stage) detectors, RetinaNet and FCOS, as detectron2's ``DenseDetector``.
 
 Both are torchvision detectors whose heads predict, for every anchor (RetinaNet) or location (FCOS) of
-every pyramid level, class logits and a box; the batch shares one set of anchors after padding, so the
-losses are per-anchor tensors [B, A] summed per level over the contiguous anchor segments of each level
-(``base.level_sums``) and normalised (``base.normalise``). This class holds what they share: the forward
-pass, the anchors, the detection post-processing, the classification loss and the box-loss dispatch.
-A subclass provides ``compute_level_losses`` and the box encoding of its head (``encode_boxes``,
-``decode_boxes``).
+every pyramid level, class logits and a box; the batch shares one set of anchors after padding. The
+training loss runs in three steps (``compute_level_losses``):
+
+(a) ``assign``: per anchor the annotation it serves, or background / ignored, kept as an
+    :class:`Assignment` (the subclass's matcher: IoU for RetinaNet, centre sampling for FCOS);
+(b) ``anchor_losses``: named per-anchor losses [B, A] (``TaskLoss``, already masked), read off the head
+    outputs and the assignment, so that a loss may use any head output (``bbox_log_var``);
+(c) ``level_output``: each summed per level over the contiguous anchor segments of each level
+    (``base.level_sums``) and normalised (``base.normalise``).
+
+``annotation_losses`` runs (a) and (b) without gradient and sums the per-anchor losses per annotation.
+This class holds the forward pass, the anchors, the detection post-processing, the classification loss,
+the box loss (``losses.box.BOX_LOSSES`` says whether it needs decoded boxes) and steps (c) and the
+per-annotation sums; a subclass gives (a), (b) and its box encoding (``encode_boxes``, ``decode_boxes``).
 """
 
 from __future__ import annotations
 
 import abc
 from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from pydantic import Field
@@ -20,7 +30,10 @@ from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
 
 from robustdet.losses import TaskLoss, task_loss
+from robustdet.losses.box import box_loss_row
+from robustdet.losses.box_uncertainty import uncertain_box_loss
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, level_sums, loss_dtype, normalise
+from robustdet.models.matching import BETWEEN_THRESHOLDS
 
 # 2**16 float32 elements = 256 KiB: fits an L2 cache; 2**15-2**17 measured alike on a Xeon, 2**20 slower
 CPU_CHUNK_ELEMENTS = 1 << 16
@@ -31,6 +44,63 @@ class DenseSection(ModelSection):
 
     topk_candidates: int = Field(1000, ge=1)
     prior_probability: float = Field(0.01, gt=0, lt=1)
+
+
+@dataclass
+class Assignment:
+    """Step (a) of the dense loss: which annotation each anchor of the batch serves.
+
+    ``matched`` [B, A] int64 holds, per anchor, the index j >= 0 of its annotation in the image's targets
+    (= its row in ``gt_boxes[b]``), ``BACKGROUND`` (-1) or ``IGNORED`` (-2: RetinaNet's anchors of IoU in
+    [low, high), in no loss). ``gt_boxes`` [B, G, 4], ``gt_labels`` [B, G] and ``gt_valid`` [B, G] are the
+    targets padded to G boxes (``matching.pad_boxes``), in the resized coordinates.
+    """
+
+    BACKGROUND = -1
+    IGNORED = BETWEEN_THRESHOLDS
+
+    matched: Tensor
+    gt_boxes: Tensor
+    gt_labels: Tensor
+    gt_valid: Tensor
+
+    @cached_property
+    def foreground(self) -> Tensor:
+        """[B, A] bool: the anchor serves an annotation."""
+        return self.matched >= 0
+
+    @cached_property
+    def valid(self) -> Tensor:
+        """[B, A] bool: the anchor enters the classification loss (it is not ignored)."""
+        return self.matched != self.IGNORED
+
+    @cached_property
+    def index(self) -> Tensor:
+        """[B, A]: the annotation index, 0 for background and ignored anchors (gathers stay in range)."""
+        return self.matched.clamp(min=0)
+
+    @cached_property
+    def labels(self) -> Tensor:
+        """[B, A]: the class of each anchor's annotation (junk where not foreground)."""
+        return self.gt_labels.gather(1, self.index)
+
+    @cached_property
+    def boxes(self) -> Tensor:
+        """[B, A, 4]: each anchor's annotation box (a padding box where not foreground)."""
+        batch, num_anchors = self.matched.shape
+        return self.gt_boxes.gather(1, self.index[..., None].expand(batch, num_anchors, 4))
+
+    def num_foreground(self) -> Tensor:
+        """[B]: the foreground anchors per image, the normalisation's n_b."""
+        return self.foreground.sum(dim=1)
+
+    def per_annotation(self, per_anchor: Tensor, num_boxes: list[int]) -> list[Tensor]:
+        """Σ of ``per_anchor`` [B, A] over the anchors assigned to each annotation: per image [N_b]."""
+        sums = []
+        for b, n in enumerate(num_boxes):
+            fg = self.foreground[b]
+            sums.append(per_anchor.new_zeros(n).index_add_(0, self.matched[b][fg], per_anchor[b][fg]))
+        return sums
 
 
 class DenseDetector(Detector):
@@ -53,15 +123,68 @@ class DenseDetector(Detector):
         anchors, counts = self.batch_anchors(image_list, feature_list)
         if self.training:
             assert targets is not None
-            return self.compute_level_losses(targets, head_outputs, anchors, counts)
+            losses = self.compute_level_losses(targets, head_outputs, anchors, counts)
+            self.count_training_forward()
+            return losses
         return self._detect(head_outputs, anchors, counts, image_list.image_sizes, original_sizes)
 
-    @abc.abstractmethod
     def compute_level_losses(
         self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: Tensor, counts: list[int]
     ) -> DetectorLosses:
         """Per-level losses from head outputs [B, A, ...], ``anchors`` [A, 4] shared by the batch and the
-        anchor ``counts`` of each level in head-output order; ``targets`` in resized coordinates."""
+        anchor ``counts`` of each level in head-output order; ``targets`` in resized coordinates.
+        Steps (a) ``assign``, (b) ``anchor_losses``, (c) ``level_output``."""
+        outputs, anchors = self.loss_inputs(head_outputs, anchors)
+        assignment = self.assign(targets, anchors, counts)
+        parts = self.anchor_losses(outputs, anchors, assignment)
+        return self.level_output(parts, counts, assignment.num_foreground())
+
+    def loss_inputs(self, head_outputs: dict[str, Tensor], anchors: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Head outputs and anchors in the losses' dtype (``base.loss_dtype``: float32 under autocast)."""
+        dtype = loss_dtype(head_outputs["cls_logits"].dtype)
+        return {k: v.to(dtype) for k, v in head_outputs.items()}, anchors.to(dtype)
+
+    @abc.abstractmethod
+    def assign(self, targets: list[dict[str, Tensor]], anchors: Tensor, counts: list[int]) -> Assignment:
+        """Step (a): the annotation each anchor serves (``anchors`` [A, 4] in the losses' dtype)."""
+
+    @abc.abstractmethod
+    def anchor_losses(
+        self, outputs: dict[str, Tensor], anchors: Tensor, assignment: Assignment
+    ) -> dict[str, TaskLoss]:
+        """Step (b): named per-anchor losses [B, A], zero where they do not apply; "cls" and "reg" always."""
+
+    @torch.no_grad()
+    def annotation_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Per image and annotation j: the summed per-anchor losses of the anchors assigned to j.
+
+        One dict per image: "cls" [N_b] (Σ_c of the focal loss of those anchors), "box" [N_b] (their box
+        loss) and "anchors" [N_b] int64 (how many anchors j got; 0 when none, and then both sums are 0).
+        The losses are the plain ones (σ = 1 when ``loss.bayesian``, no α with ``model.box_uncertainty``),
+        so they compare across models; ``targets`` are in the images' own pixels (the transform resizes
+        them as in training). Runs in the module's current mode: call ``eval()`` first for a trained
+        model (BatchNorm statistics would otherwise move). Built on steps (a) and (b) of the loss.
+        """
+        self._check_target_shapes(targets, len(images))
+        image_list, resized = self.transform(images, [dict(t) for t in targets])  # type: ignore[attr-defined]
+        self._check_boxes(resized)
+        features = self.backbone(image_list.tensors)  # type: ignore[attr-defined]
+        feature_list = [features] if isinstance(features, Tensor) else list(features.values())
+        anchors, counts = self.batch_anchors(image_list, feature_list)
+        outputs, anchors = self.loss_inputs(self.head(feature_list), anchors)  # type: ignore[attr-defined]
+        assignment = self.assign(resized, anchors, counts)
+        parts = self.anchor_losses(outputs, anchors, assignment)
+        num_boxes = [int(t["boxes"].shape[0]) for t in targets]
+        ones = assignment.foreground.to(torch.int64)
+        sums = {
+            name: assignment.per_annotation(p.value if p.plain is None else p.plain, num_boxes)
+            for name, p in (("cls", parts["cls"]), ("box", parts["reg"]))
+        }
+        counts_per_box = assignment.per_annotation(ones, num_boxes)
+        return [
+            {"cls": c, "box": b, "anchors": n}
+            for c, b, n in zip(sums["cls"], sums["box"], counts_per_box, strict=True)
+        ]
 
     @abc.abstractmethod
     def encode_boxes(self, boxes: Tensor, anchors: Tensor) -> Tensor:
@@ -125,20 +248,29 @@ class DenseDetector(Detector):
         return TaskLoss(torch.cat(values).view(batch, num_anchors), plain)
 
     def box_loss(
-        self, regression: Tensor, anchors: Tensor, matched_boxes: Tensor, target: Tensor | None = None
+        self,
+        outputs: dict[str, Tensor],
+        anchors: Tensor,
+        matched_boxes: Tensor,
+        target: Tensor | None = None,
     ) -> TaskLoss:
-        """``loss.box_loss`` (Bayesian with s_reg) per anchor [B, A]: on decoded boxes for GIoU, else on the
-        encoded targets (``target`` when the caller has them already)."""
-        if self.loss_cfg.box_loss == "giou":
+        """``loss.box_loss`` per anchor [B, A] of ``outputs["bbox_regression"]``: on decoded boxes when its
+        row in ``BOX_LOSSES`` says so, else on the encoded targets (``target`` when the caller has them);
+        Bayesian with s_reg, or the KL-Loss with the head's α (``outputs["bbox_log_var"]``)."""
+        regression = outputs["bbox_regression"]
+        if box_loss_row(self.loss_cfg).decoded:
             return task_loss("box", self.decode_boxes(regression, anchors), matched_boxes, None, self.loss_cfg)
         if target is None:
             target = self.encode_boxes(matched_boxes, anchors)
+        if "bbox_log_var" in outputs:
+            weight = self.box_uncertainty_weight()
+            return uncertain_box_loss(regression, target, outputs["bbox_log_var"], weight, self.loss_cfg)
         return task_loss("box", regression, target, self.log_var("reg"), self.loss_cfg)
 
     def level_output(self, parts: dict[str, TaskLoss], counts: list[int], num_foreground: Tensor) -> DetectorLosses:
         """``DetectorLosses`` from named per-anchor losses [B, A] (already masked): each summed per level and
         normalised (the classification part times ``loss.cls_weight``), L_i their sum; the plain L_i too
-        when the loss is Bayesian. Nothing stays outside the weighting."""
+        when a part has a plain form (Bayesian losses, the KL-Loss). Nothing stays outside the weighting."""
         mode = self.loss_cfg.normalization
         scale = {"cls": self.loss_cfg.cls_weight}
 
@@ -148,8 +280,9 @@ class DenseDetector(Detector):
 
         levels = {name: levels_of(p.value, name) for name, p in parts.items()}
         plain = None
-        if self.log_variances is not None:
-            # a part without a Bayesian form (FCOS's centerness) is its own plain measure
+        if any(p.plain is not None for p in parts.values()):
+            # a part without another form (FCOS's centerness, the focal loss with box uncertainty) is its own
+            # plain measure
             plain = sum(levels_of(p.value if p.plain is None else p.plain, name) for name, p in parts.items())
             assert isinstance(plain, Tensor)
         total = sum(levels.values())
@@ -169,4 +302,4 @@ def masked(loss: TaskLoss, mask: Tensor) -> TaskLoss:
     return TaskLoss(torch.where(mask, loss.value, 0.0), plain)
 
 
-__all__ = ["CPU_CHUNK_ELEMENTS", "DenseDetector", "DenseSection", "masked"]
+__all__ = ["CPU_CHUNK_ELEMENTS", "Assignment", "DenseDetector", "DenseSection", "masked"]

@@ -40,16 +40,17 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
-from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import initLevelMapper
 
-from robustdet.losses import LogVariances, LossConfig, task_loss
+from robustdet.losses import LogVariances, LossConfig, TaskLoss, box_loss_row, task_loss, uncertain_box_loss
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, check_per_level, loss_dtype
+from robustdet.models.heads import box_predictor
 
 # torchvision's FasterRCNN: 7x7 RoIAlign with 2 samples per bin from P2-P5, a 1024-wide box head
 ROI_FEATURE_MAPS = ["0", "1", "2", "3"]
@@ -118,27 +119,24 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         *,
         loss: LossConfig,
         log_variances: LogVariances | None = None,
+        box_uncertainty: bool = False,
         **faster_rcnn_kwargs: object,
     ) -> None:
-        if loss.box_loss == "giou":
+        if box_loss_row(loss).decoded:
             raise ValueError(
-                "loss.box_loss=giou is not available for Faster R-CNN: its RPN and box head regress "
+                f"loss.box_loss={loss.box_loss} is not available for Faster R-CNN: its RPN and box head regress "
                 "anchor/proposal deltas with smooth L1; use loss.box_loss=smooth_l1 (loss.beta=0.1111111111111111 "
                 "is torchvision's 1/9) or l1"
             )
-        if loss.bayesian and log_variances is None:
-            raise ValueError("loss.bayesian=true needs log_variances (rpn_cls, rpn_reg, roi_cls, roi_reg)")
         # +1: torchvision's box predictor has a background output at index 0
         predictor_classes = None if "box_predictor" in faster_rcnn_kwargs else num_classes + 1
         super().__init__(backbone, predictor_classes, **faster_rcnn_kwargs)
         roi_pool = self.roi_heads.box_roi_pool
         if list(roi_pool.featmap_names) != ROI_FEATURE_MAPS:
             raise ValueError(f"box_roi_pool must pool from {ROI_FEATURE_MAPS} (P2-P5), got {roi_pool.featmap_names}")
-        self.loss_cfg = loss
-        self.num_classes = num_classes
-        self.level_names = level_names(PYRAMID)[: len(ROI_FEATURE_MAPS)]  # P2-P5: the RoI levels, weighted
+        roi_levels = level_names(PYRAMID)[: len(ROI_FEATURE_MAPS)]  # P2-P5: the RoI levels, weighted
+        self.setup_losses(loss, num_classes, roi_levels, log_variances, box_uncertainty)
         self.rpn_level_names = level_names(PYRAMID)  # P2-P6: the RPN's anchor levels, logged
-        self.log_variances = log_variances if loss.bayesian else None
 
     @classmethod
     def from_config(cls, section: FasterRCNNConfig, loss: LossConfig, num_classes: int) -> PerLevelFasterRCNN:
@@ -180,6 +178,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
             num_classes,
             loss=loss,
             log_variances=cls.build_log_variances(loss),
+            box_uncertainty=m.box_uncertainty,
             rpn_batch_size_per_image=m.rpn_batch_size_per_image,
             box_batch_size_per_image=m.box_batch_size_per_image,
             **m.transform_kwargs(),
@@ -187,7 +186,9 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
             rpn_head=rpn_head,
             box_roi_pool=roi_pool,
             box_head=box_head,
-            box_predictor=FastRCNNPredictor(REPRESENTATION_SIZE, num_classes + 1),
+            box_predictor=box_predictor(
+                REPRESENTATION_SIZE, num_classes + 1, loss.box_log_var_range if m.box_uncertainty else None
+            ),
             box_score_thresh=m.score_thresh,
             box_nms_thresh=m.nms_thresh,
             box_detections_per_img=m.detections_per_img,
@@ -212,6 +213,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
             return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
         assert rpn_losses is not None and targets is not None
         roi_cls, roi_reg, roi_plain = self._roi_losses(features, proposals, image_list.image_sizes, targets)
+        self.count_training_forward()
         rpn_cls, rpn_reg = rpn_losses
         return DetectorLosses(
             level_names=list(self.level_names),
@@ -271,18 +273,22 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         """torchvision's ``RoIHeads.forward`` (training, boxes only) with per-level losses (and plain total)."""
         heads = self.roi_heads
         proposals, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
-        class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)
+        class_logits, box_regression, *log_var = self._box_outputs(features, proposals, image_sizes)
         levels = self.roi_levels(proposals)
-        return self.roi_level_losses(class_logits, box_regression, labels, regression_targets, levels)
+        return self.roi_level_losses(
+            class_logits, box_regression, labels, regression_targets, levels, log_var[0] if log_var else None
+        )
 
     def _box_outputs(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
+        """The box predictor's outputs: class logits [R, C+1], deltas [R, 4·(C+1)] and, with
+        ``model.box_uncertainty``, their log-variances α [R, 4·(C+1)] (``heads.py``)."""
         heads = self.roi_heads
         pooled = heads.box_roi_pool(features, proposals, image_sizes)
-        class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
-        dtype = loss_dtype(class_logits.dtype)
-        return class_logits.to(dtype), box_regression.to(dtype)
+        outputs = heads.box_predictor(heads.box_head(pooled))
+        dtype = loss_dtype(outputs[0].dtype)
+        return tuple(o.to(dtype) for o in outputs)
 
     def roi_levels(self, proposals: list[Tensor]) -> Tensor:
         """The pyramid level (0 = P2 .. 3 = P5) each RoI is pooled from: the pooler's own ``LevelMapper``.
@@ -297,7 +303,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
     def _detect(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
-        class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)
+        class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)[:2]
         boxes, scores, labels = self.roi_heads.postprocess_detections(
             class_logits, box_regression, proposals, image_sizes
         )
@@ -360,14 +366,17 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         labels: list[Tensor],
         regression_targets: list[Tensor],
         levels: Tensor,
+        box_log_var: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Box-head classification and regression losses per RoI level (roi_cls, roi_reg), each [4], and
-        their plain (σ = 1, detached) sum per level, the weightings' measure when Bayesian (else None).
+        their plain (σ = 1, no α, detached) sum per level, the weightings' measure when the trained loss
+        differs from it (Bayesian, KL-Loss; else None).
 
         ``class_logits`` [R, C+1], ``box_regression`` [R, 4·(C+1)] for the R sampled RoIs of the batch,
         ``labels`` per image (0 = background, 1..C), ``regression_targets`` per image [R_b, 4] (weights
-        10, 10, 5, 5), ``levels`` [R] the level each RoI was pooled from. torchvision's ``fastrcnn_loss``
-        split by level: CE over all R, smooth L1 of the true class's deltas over the foreground ones, both
+        10, 10, 5, 5), ``levels`` [R] the level each RoI was pooled from, ``box_log_var`` the α of the
+        deltas [R, 4·(C+1)] with ``model.box_uncertainty``. torchvision's ``fastrcnn_loss`` split by level:
+        CE over all R, smooth L1 (or the KL-Loss) of the true class's deltas over the foreground ones, both
         divided by R.
         """
         cfg = self.loss_cfg
@@ -376,16 +385,28 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         num_rois = max(1, labels_all.numel())
         cls = task_loss("ce", class_logits, labels_all, self.log_var("roi_cls"), cfg)
         pos = torch.where(labels_all > 0)[0]
-        per_class = box_regression.reshape(box_regression.shape[0], -1, 4)
-        reg = task_loss("box", per_class[pos, labels_all[pos]], targets_all[pos], self.log_var("roi_reg"), cfg)
+        reg = self._roi_box_loss(box_regression, box_log_var, targets_all, pos, labels_all[pos])
         num_levels = len(self.level_names)
         cls_levels = cfg.cls_weight * sum_by_level(cls.value, levels, num_levels) / num_rois
         reg_levels = sum_by_level(reg.value, levels[pos], num_levels) / num_rois
-        if cls.plain is None or reg.plain is None:  # plain losses are their own measure
+        if cls.plain is None and reg.plain is None:  # plain losses are their own measure
             return cls_levels, reg_levels, None
-        plain_cls = cfg.cls_weight * sum_by_level(cls.plain, levels, num_levels)
-        plain = (plain_cls + sum_by_level(reg.plain, levels[pos], num_levels)) / num_rois
-        return cls_levels, reg_levels, plain
+        cls_plain = cls.value.detach() if cls.plain is None else cls.plain
+        reg_plain = reg.value.detach() if reg.plain is None else reg.plain
+        plain_cls = cfg.cls_weight * sum_by_level(cls_plain, levels, num_levels)
+        plain_reg = sum_by_level(reg_plain, levels[pos], num_levels)
+        return cls_levels, reg_levels, (plain_cls + plain_reg) / num_rois
+
+    def _roi_box_loss(
+        self, box_regression: Tensor, box_log_var: Tensor | None, targets: Tensor, pos: Tensor, classes: Tensor
+    ) -> TaskLoss:
+        """The box loss of the foreground RoIs ``pos`` on their class's deltas (and α): [len(pos)]."""
+        per_class = box_regression.reshape(box_regression.shape[0], -1, 4)
+        deltas = per_class[pos, classes]
+        if box_log_var is None:
+            return task_loss("box", deltas, targets[pos], self.log_var("roi_reg"), self.loss_cfg)
+        log_var = box_log_var.reshape(box_log_var.shape[0], -1, 4)[pos, classes]
+        return uncertain_box_loss(deltas, targets[pos], log_var, self.box_uncertainty_weight(), self.loss_cfg)
 
 
 def canonical_scale(anchor_sizes: list[float]) -> int:
