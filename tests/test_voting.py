@@ -18,7 +18,9 @@ def iou64(a: list[float], b: list[float]) -> float:
     return inter / union
 
 
-def paper_vote(boxes: list[list[float]], labels: list[int], std: list[list[float]], m: int, sigma_t: float) -> list[float]:
+def paper_vote(
+    boxes: list[list[float]], labels: list[int], std: list[list[float]], m: int, sigma_t: float
+) -> list[float]:
     """One kept box b_m of Algorithm 1: p_i over IoU(b_m, B) > 0 of its class, then Σ p x/σ² / Σ p/σ²."""
     out = []
     for k in range(4):
@@ -81,10 +83,18 @@ def test_voting_hand_worked_two_boxes() -> None:
     torch.testing.assert_close(got[0], torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=1e-14)
 
 
+def test_box_without_area_stays() -> None:
+    """A candidate clipped to a line at the border has IoU 0/0 with itself: it keeps its own coordinates."""
+    boxes = torch.tensor([[0.0, 5.0, 0.0, 9.0], [0.0, 5.0, 2.0, 9.0]])
+    got = variance_voting(boxes, torch.tensor([0, 0]), torch.ones(2, 4), torch.tensor([0, 1]))
+    assert torch.equal(got[0], boxes[0]) and torch.equal(got[1], boxes[1])
+
+
 def test_voting_float32_and_empty() -> None:
     got = variance_voting(torch.tensor(BOXES), torch.tensor(LABELS), torch.tensor(STD), torch.tensor([0, 5]))
     assert got.dtype == torch.float32 and got.shape == (2, 4)
-    none = variance_voting(torch.tensor(BOXES), torch.tensor(LABELS), torch.tensor(STD), torch.zeros(0, dtype=torch.long))
+    empty = torch.zeros(0, dtype=torch.long)
+    none = variance_voting(torch.tensor(BOXES), torch.tensor(LABELS), torch.tensor(STD), empty)
     assert none.shape == (0, 4)
     with pytest.raises(ValueError, match="sigma_t"):
         variance_voting(torch.tensor(BOXES), torch.tensor(LABELS), torch.tensor(STD), torch.tensor([0]), 0.0)

@@ -54,6 +54,7 @@ from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOS
 from robustdet.losses import LogVariances, LossConfig, TaskLoss
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import DetectorLosses, check_per_level, loss_dtype
+from robustdet.models.box_std import DetectionTransform, distance_std
 from robustdet.models.dense import DenseDetector, DenseSection, masked
 from robustdet.models.matching import pad_boxes
 
@@ -169,6 +170,7 @@ class PerLevelFCOS(DenseDetector, FCOS):
         self.level_names = list(level_names)
         self.range_bounds = [float(b) for b in range_bounds]
         self.log_variances = log_variances if loss.bayesian else None
+        self.transform = DetectionTransform.like(self.transform)  # rescales bbox_std too
 
     @classmethod
     def from_config(cls, section: FCOSConfig, loss: LossConfig, num_classes: int) -> PerLevelFCOS:
@@ -220,6 +222,15 @@ class PerLevelFCOS(DenseDetector, FCOS):
 
     def decode_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
         return self.head.box_coder.decode(regression, anchors)
+
+    def candidate_scores(self, level: dict[str, Tensor]) -> Tensor:
+        return torch.sqrt(torch.sigmoid(level["cls_logits"]) * torch.sigmoid(level["bbox_ctrness"]))
+
+    def candidate_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self.head.box_coder.decode(regression, anchors)
+
+    def candidate_std(self, log_var: Tensor, regression: Tensor, anchors: Tensor) -> Tensor:
+        return distance_std(log_var, anchors)
 
     def point_ranges(self, counts: list[int], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """Each location's regression range (lower, upper) [A]: (m_i, m_{i+1}) of its level i."""

@@ -24,6 +24,7 @@ import math
 from functools import partial
 from typing import ClassVar, Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
@@ -33,6 +34,7 @@ from robustdet.losses import LogVariances, LossConfig
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import build_backbone, level_names
 from robustdet.models.base import DetectorLosses, check_per_level, loss_dtype
+from robustdet.models.box_std import DetectionTransform, delta_std
 from robustdet.models.dense import DenseDetector, DenseSection, masked
 from robustdet.models.matching import BETWEEN_THRESHOLDS, batched_box_iou, match_anchors, pad_boxes
 
@@ -86,6 +88,7 @@ class PerLevelRetinaNet(DenseDetector, RetinaNet):
         self.level_names = list(level_names)
         self.log_variances = log_variances if loss.bayesian else None
         self.delta_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.transform = DetectionTransform.like(self.transform)  # rescales bbox_std too
 
     @classmethod
     def from_config(cls, section: RetinaNetConfig, loss: LossConfig, num_classes: int) -> PerLevelRetinaNet:
@@ -126,6 +129,16 @@ class PerLevelRetinaNet(DenseDetector, RetinaNet):
 
     def decode_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
         return self.delta_coder.decode(regression, anchors)
+
+    def candidate_scores(self, level: dict[str, Tensor]) -> Tensor:
+        return torch.sigmoid(level["cls_logits"])
+
+    def candidate_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self.box_coder.decode_single(regression, anchors)
+
+    def candidate_std(self, log_var: Tensor, regression: Tensor, anchors: Tensor) -> Tensor:
+        coder = self.box_coder
+        return delta_std(log_var, regression, anchors, coder.weights, coder.bbox_xform_clip)
 
     def compute_level_losses(
         self,
