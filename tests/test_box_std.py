@@ -194,3 +194,63 @@ def test_var_voting_moves_boxes_not_scores(name: str) -> None:
 def test_var_voting_needs_box_uncertainty() -> None:
     with pytest.raises(ValueError, match=r"model\.var_voting=true needs model\.box_uncertainty=true"):
         dense_cfg("retinanet", var_voting=True, box_uncertainty=False)
+
+
+# --- Faster R-CNN: class-specific α through the box head's coder ----------------------------------
+
+
+class StandInPredictor(nn.Module):
+    """The box predictor plus α [R, 4·(C+1)] in ``bbox_pred``'s layout: ``class_log_var[c]`` for class c."""
+
+    def __init__(self, predictor: nn.Module, class_log_var: list[float]) -> None:
+        super().__init__()
+        self.predictor = predictor
+        self.class_log_var = class_log_var
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits, deltas = self.predictor(x)
+        alpha = torch.tensor(self.class_log_var, dtype=deltas.dtype).repeat_interleave(4)
+        return logits, deltas, alpha.expand_as(deltas)
+
+
+def faster_rcnn_pair(class_log_var: list[float], **model: object) -> tuple[nn.Module, nn.Module]:
+    cfg = config_from_dict({"model": {
+        "name": "faster_rcnn", "backbone": "resnet18", "fpn_channels": 16, "min_size": 64, "max_size": 64,
+        "anchor_sizes": [6.0, 12.0, 24.0, 48.0, 96.0], "anchor_scales": [1.0], "score_thresh": 0.0,
+        "box_uncertainty": True, **model,
+    }})
+    torch.manual_seed(0)
+    plain = build_model(cfg, NUM_CLASSES).eval()
+    with torch.no_grad():
+        for p in [*plain.rpn.head.parameters(), *plain.roi_heads.box_predictor.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+    uncertain = build_model(cfg, NUM_CLASSES).eval()
+    uncertain.load_state_dict(plain.state_dict())
+    uncertain.roi_heads.box_predictor = StandInPredictor(uncertain.roi_heads.box_predictor, class_log_var)
+    return plain, uncertain
+
+
+def test_faster_rcnn_bbox_std_takes_the_detections_own_class() -> None:
+    """Raising α of class 2 (label 1) by 2 multiplies σ of exactly the label-1 detections by e."""
+    plain, base = faster_rcnn_pair([0.0] * (NUM_CLASSES + 1))
+    _, raised = faster_rcnn_pair([0.0, 0.0, 2.0, 0.0])
+    with torch.no_grad():
+        want, got_base, got_raised = plain(images()), base(images()), raised(images())
+    for w, a, b in zip(want, got_base, got_raised, strict=True):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(w[key], a[key]) and torch.equal(w[key], b[key]), key
+        found = set(w["labels"].tolist())
+        assert len(w["labels"]) > 10 and 1 in found and len(found) > 1
+        factor = torch.where(a["labels"] == 1, math.e, 1.0)[:, None]
+        torch.testing.assert_close(b["bbox_std"], a["bbox_std"] * factor, rtol=1e-5, atol=0)
+
+
+def test_faster_rcnn_var_voting() -> None:
+    plain, uncertain = faster_rcnn_pair([0.0] * (NUM_CLASSES + 1), var_voting=True)
+    with torch.no_grad():
+        want, got = plain(images()), uncertain(images())
+    moved = 0
+    for w, d in zip(want, got, strict=True):
+        assert torch.equal(w["scores"], d["scores"]) and torch.equal(w["labels"], d["labels"])
+        moved += int((w["boxes"] - d["boxes"]).abs().amax(dim=1).gt(1e-3).sum())
+    assert moved > 0

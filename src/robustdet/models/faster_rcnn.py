@@ -40,16 +40,19 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
 from torchvision.ops.poolers import initLevelMapper
 
 from robustdet.losses import LogVariances, LossConfig, task_loss
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, check_per_level, loss_dtype
+from robustdet.models.box_std import DetectionTransform, delta_std
+from robustdet.models.voting import kept_detections
 
 # torchvision's FasterRCNN: 7x7 RoIAlign with 2 samples per bin from P2-P5, a 1024-wide box head
 ROI_FEATURE_MAPS = ["0", "1", "2", "3"]
@@ -139,6 +142,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         self.level_names = level_names(PYRAMID)[: len(ROI_FEATURE_MAPS)]  # P2-P5: the RoI levels, weighted
         self.rpn_level_names = level_names(PYRAMID)  # P2-P6: the RPN's anchor levels, logged
         self.log_variances = log_variances if loss.bayesian else None
+        self.transform = DetectionTransform.like(self.transform)  # rescales bbox_std too
 
     @classmethod
     def from_config(cls, section: FasterRCNNConfig, loss: LossConfig, num_classes: int) -> PerLevelFasterRCNN:
@@ -271,18 +275,20 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         """torchvision's ``RoIHeads.forward`` (training, boxes only) with per-level losses (and plain total)."""
         heads = self.roi_heads
         proposals, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
-        class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)
+        class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)[:2]
         levels = self.roi_levels(proposals)
         return self.roi_level_losses(class_logits, box_regression, labels, regression_targets, levels)
 
     def _box_outputs(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
+        """The box predictor's outputs: class logits [R, C+1], deltas [R, 4·(C+1)] and, with
+        ``model.box_uncertainty``, their log-variances [R, 4·(C+1)]."""
         heads = self.roi_heads
         pooled = heads.box_roi_pool(features, proposals, image_sizes)
-        class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
-        dtype = loss_dtype(class_logits.dtype)
-        return class_logits.to(dtype), box_regression.to(dtype)
+        outputs = heads.box_predictor(heads.box_head(pooled))
+        dtype = loss_dtype(outputs[0].dtype)
+        return tuple(o.to(dtype) for o in outputs)
 
     def roi_levels(self, proposals: list[Tensor]) -> Tensor:
         """The pyramid level (0 = P2 .. 3 = P5) each RoI is pooled from: the pooler's own ``LevelMapper``.
@@ -297,14 +303,58 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
     def _detect(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
-        class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)
-        boxes, scores, labels = self.roi_heads.postprocess_detections(
-            class_logits, box_regression, proposals, image_sizes
-        )
+        outputs = self._box_outputs(features, proposals, image_sizes)
+        if len(outputs) == 3:  # model.box_uncertainty
+            return self._uncertain_detections(*outputs, proposals, image_sizes)
+        boxes, scores, labels = self.roi_heads.postprocess_detections(*outputs, proposals, image_sizes)
         # torchvision's labels are 1..C here (background dropped): back to the engine's 0..C-1
         return [
             {"boxes": b, "scores": s, "labels": lab - 1} for b, s, lab in zip(boxes, scores, labels, strict=True)
         ]
+
+    def _uncertain_detections(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        box_log_var: Tensor,
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """torchvision's ``RoIHeads.postprocess_detections`` with each class-specific candidate carrying σ of
+        its corners (``box_std.delta_std``, the box head's weights (10, 10, 5, 5)): softmax, decoding,
+        clipping, score threshold, small boxes out, batched NMS, ``detections_per_img``; then ``bbox_std``
+        and, with ``model.var_voting``, the kept boxes voted (``voting.py``). Labels 0..C-1."""
+        heads = self.roi_heads
+        coder = heads.box_coder
+        rois = box_regression.shape[0]
+        log_var, deltas = box_log_var.reshape(rois, -1, 4), box_regression.reshape(rois, -1, 4)
+        std = delta_std(log_var, deltas, torch.cat(proposals)[:, None], coder.weights, coder.bbox_xform_clip)
+        counts = [p.shape[0] for p in proposals]
+        parts = zip(
+            coder.decode(box_regression, proposals).split(counts),
+            F.softmax(class_logits, -1).split(counts),
+            std.split(counts),
+            image_sizes,
+            strict=True,
+        )
+        return [self._image_detections(*part) for part in parts]
+
+    def _image_detections(
+        self, boxes: Tensor, scores: Tensor, std: Tensor, image_size: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        """One image's detections from its RoIs' per-class boxes [R, C+1, 4], scores [R, C+1], σ [R, C+1, 4]."""
+        heads = self.roi_heads
+        boxes = clip_boxes_to_image(boxes, image_size)
+        labels = torch.arange(scores.shape[-1], device=scores.device).view(1, -1).expand_as(scores)
+        # background (column 0) out, every class of every RoI its own candidate, labels back to 0..C-1
+        boxes, std = boxes[:, 1:].reshape(-1, 4), std[:, 1:].reshape(-1, 4)
+        scores, labels = scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1) - 1
+        inds = torch.where(scores > heads.score_thresh)[0]
+        boxes, scores, labels, std = boxes[inds], scores[inds], labels[inds], std[inds]
+        inds = remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, labels, std = boxes[inds], scores[inds], labels[inds], std[inds]
+        keep = batched_nms(boxes, scores, labels, heads.nms_thresh)[: heads.detections_per_img]
+        return kept_detections(boxes, scores, labels, std, keep, self.var_voting_sigma_t)
 
     # --- losses --------------------------------------------------------------------------------
 
