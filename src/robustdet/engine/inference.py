@@ -258,21 +258,22 @@ def draw_detections(
     """The image [3, H, W] uint8 with each box drawn (2 px) and labelled; with ``std`` [N, 4] also a thin
     box at ±σ outside and inside each side (outer x1 − σ_x1 ... x2 + σ_x2, inner x1 + σ_x1 ... x2 − σ_x2,
     the inner one collapsing to the centre line where σ exceeds half the size), so that a sure box is
-    one line and an unsure one a wide band."""
+    one line and an unsure one a wide band; the labels are then drawn on a filled background."""
     if not len(boxes):
         return image
-    drawn = draw_bounding_boxes(image, boxes, labels=text, colors=colors, width=2)
-    if std is None:
-        return drawn
-    h, w = image.shape[-2:]
-    limit = torch.tensor([w - 1, h - 1, w - 1, h - 1], dtype=boxes.dtype)
-    outer = torch.cat([boxes[:, :2] - std[:, :2], boxes[:, 2:] + std[:, 2:]], dim=1).clamp(min=0)
-    outer = torch.minimum(outer, limit)
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    inner = torch.cat(
-        [torch.minimum(boxes[:, :2] + std[:, :2], centre), torch.maximum(boxes[:, 2:] - std[:, 2:], centre)], dim=1
-    )
-    return draw_bounding_boxes(drawn, torch.cat([outer, inner]), colors=colors * 2, width=1)
+    if std is not None:
+        # the ±σ boxes first, so that the boxes and their labels stay on top
+        h, w = image.shape[-2:]
+        limit = torch.tensor([w - 1, h - 1, w - 1, h - 1], dtype=boxes.dtype)
+        outer = torch.cat([boxes[:, :2] - std[:, :2], boxes[:, 2:] + std[:, 2:]], dim=1).clamp(min=0)
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        inner = torch.cat(
+            [torch.minimum(boxes[:, :2] + std[:, :2], centre), torch.maximum(boxes[:, 2:] - std[:, 2:], centre)],
+            dim=1,
+        )
+        image = draw_bounding_boxes(image, torch.cat([torch.minimum(outer, limit), inner]), colors=colors * 2, width=1)
+    # σ's lines run through the labels: filled labels stay legible over them
+    return draw_bounding_boxes(image, boxes, labels=text, colors=colors, width=2, fill_labels=std is not None)
 
 
 def plt_colors() -> list[tuple[float, ...]]:
