@@ -254,3 +254,30 @@ def test_faster_rcnn_var_voting() -> None:
         assert torch.equal(w["scores"], d["scores"]) and torch.equal(w["labels"], d["labels"])
         moved += int((w["boxes"] - d["boxes"]).abs().amax(dim=1).gt(1e-3).sum())
     assert moved > 0
+
+
+def test_coco_results_carry_bbox_std_rounded() -> None:
+    from robustdet.engine.evaluator import to_coco_results
+
+    boxes = torch.tensor([[1.0, 2.0, 11.0, 22.0], [5.0, 5.0, 6.0, 7.0]])
+    std = torch.tensor([[0.12345, 1.0, 2.0, 3.0005], [4.0, 5.0, 6.0, 7.0]])
+    det = {"boxes": boxes, "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([1, 0]), "bbox_std": std}
+    got = to_coco_results([det, {k: v[:0] for k, v in det.items()}], [3, 4], [10, 20])
+    assert [r["bbox_std"] for r in got] == [[0.123, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
+    assert got[0]["bbox"] == [1.0, 2.0, 10.0, 20.0] and got[0]["category_id"] == 20
+    plain = {k: v for k, v in det.items() if k != "bbox_std"}
+    assert "bbox_std" not in to_coco_results([plain], [3], [10, 20])[0]
+
+
+def test_predict_drawing_shows_sigma_bands() -> None:
+    """A sure box is one line; an unsure one gets lines at ±σ outside and inside its sides."""
+    from robustdet.engine.inference import draw_detections, relative_std
+
+    image = torch.zeros(3, 100, 100, dtype=torch.uint8)
+    boxes = torch.tensor([[20.0, 20.0, 80.0, 80.0]])
+    plain = draw_detections(image, boxes, ["a"], [(255, 0, 0)], None)
+    drawn = draw_detections(image, boxes, ["a"], [(255, 0, 0)], torch.full((1, 4), 6.0))
+    row = 50  # a row through the box's middle, away from the label
+    assert plain[0, row].nonzero().flatten().tolist() == [20, 21, 79, 80]
+    assert {14, 26, 74, 86} <= set(drawn[0, row].nonzero().flatten().tolist())
+    torch.testing.assert_close(relative_std(boxes, torch.full((1, 4), 6.0)), torch.tensor([0.1]))
