@@ -98,3 +98,22 @@ def test_voting_float32_and_empty() -> None:
     assert none.shape == (0, 4)
     with pytest.raises(ValueError, match="sigma_t"):
         variance_voting(torch.tensor(BOXES), torch.tensor(LABELS), torch.tensor(STD), torch.tensor([0]), 0.0)
+
+
+def test_class_groups_and_the_traced_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many random candidates of 5 classes: the grouped path (eager) and the masked one (export) both give
+    Algorithm 1's boxes."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=g, dtype=torch.float64) * 80
+    boxes = torch.cat([xy, xy + 5 + torch.rand(300, 2, generator=g, dtype=torch.float64) * 30], dim=1)
+    labels = torch.randint(5, (300,), generator=g)
+    std = 0.1 + torch.rand(300, 4, generator=g, dtype=torch.float64) * 5
+    keep = torch.tensor([3, 17, 40, 41, 99, 250, 299])
+    grouped = variance_voting(boxes, labels, std, keep, 0.1)
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    masked = variance_voting(boxes, labels, std, keep, 0.1)
+    want = torch.tensor(
+        [paper_vote(boxes.tolist(), labels.tolist(), std.tolist(), m, 0.1) for m in keep.tolist()], dtype=torch.float64
+    )
+    torch.testing.assert_close(grouped, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(masked, want, rtol=1e-12, atol=1e-12)

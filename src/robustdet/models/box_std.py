@@ -24,6 +24,7 @@ the box the head predicts. :class:`DetectionTransform` rescales σ to the origin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -35,19 +36,17 @@ def delta_std(
     clamp: float = math.log(1000 / 16),
 ) -> Tensor:
     """σ of (x1, y1, x2, y2) [..., 4] of the boxes that ``deltas`` [..., 4] (t_x, t_y, t_w, t_h) decode to
-    from ``anchors`` [..., 4] (XYXY, broadcast), with log-variances ``log_var`` [..., 4] of the deltas."""
-    wx, wy, ww, wh = weights
-    wa = anchors[..., 2] - anchors[..., 0]
-    ha = anchors[..., 3] - anchors[..., 1]
+    from ``anchors`` [..., 4] (XYXY, broadcast), with log-variances ``log_var`` [..., 4] of the deltas.
+    x and y in one pass each step (a dozen elementwise ops: post-processing calls this per image)."""
+    centre_w = deltas.new_tensor(weights[:2])
+    size_w = deltas.new_tensor(weights[2:])
+    anchor_size = anchors[..., 2:] - anchors[..., :2]  # (w_a, h_a)
     var = log_var.exp()
-    size_terms = []
-    for k, (a, weight) in enumerate(((wa, ww), (ha, wh))):
-        scaled = deltas[..., 2 + k] / weight
-        half = 0.5 * a * torch.exp(scaled.clamp(max=clamp)) / weight  # ∂(w/2)/∂t_w
-        size_terms.append(torch.where(scaled < clamp, half, torch.zeros_like(half)).square() * var[..., 2 + k])
-    sx = ((wa / wx).square() * var[..., 0] + size_terms[0]).sqrt()
-    sy = ((ha / wy).square() * var[..., 1] + size_terms[1]).sqrt()
-    return torch.stack((sx, sy, sx, sy), dim=-1)
+    scaled = deltas[..., 2:] / size_w
+    half = 0.5 * anchor_size * torch.exp(scaled.clamp(max=clamp)) / size_w  # ∂(w/2)/∂t_w, ∂(h/2)/∂t_h
+    half = torch.where(scaled < clamp, half, torch.zeros_like(half))
+    sigma = ((anchor_size / centre_w).square() * var[..., :2] + half.square() * var[..., 2:]).sqrt()
+    return torch.cat([sigma, sigma], dim=-1)
 
 
 def distance_std(log_var: Tensor, anchors: Tensor) -> Tensor:
@@ -57,6 +56,16 @@ def distance_std(log_var: Tensor, anchors: Tensor) -> Tensor:
     ha = anchors[..., 3] - anchors[..., 1]
     size = torch.stack((wa, ha, wa, ha), dim=-1)
     return size * (0.5 * log_var).exp()
+
+
+def std_of_candidates(std: Callable[..., Tensor], *inputs: Tensor) -> Callable[[Tensor | None], Tensor]:
+    """``index -> std(*(x[index] for x in inputs))`` (all candidates for None): σ computed only for the
+    candidates that need one (``voting.kept_detections``)."""
+
+    def std_of(index: Tensor | None) -> Tensor:
+        return std(*(x if index is None else x[index] for x in inputs))
+
+    return std_of
 
 
 class DetectionTransform(GeneralizedRCNNTransform):
@@ -91,4 +100,4 @@ class DetectionTransform(GeneralizedRCNNTransform):
         )
 
 
-__all__ = ["DetectionTransform", "delta_std", "distance_std"]
+__all__ = ["DetectionTransform", "delta_std", "distance_std", "std_of_candidates"]

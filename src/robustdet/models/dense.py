@@ -23,6 +23,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from robustdet.losses import TaskLoss, task_loss
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, level_sums, loss_dtype, normalise
+from robustdet.models.box_std import std_of_candidates
 from robustdet.models.voting import kept_detections
 
 # 2**16 float32 elements = 256 KiB: fits an L2 cache; 2**15-2**17 measured alike on a Xeon, 2**20 slower
@@ -120,15 +121,17 @@ class DenseDetector(Detector):
                 self._level_candidates({k: v[lv][index] for k, v in head_outputs.items()}, lv_anchors, image_shape)
                 for lv, lv_anchors in enumerate(anchors[index])
             ]
-            boxes, scores, labels, std = (torch.cat(part) for part in zip(*per_level, strict=True))
+            boxes, scores, labels, *coded = (torch.cat(part) for part in zip(*per_level, strict=True))
             keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            detections.append(kept_detections(boxes, scores, labels, std, keep, self.var_voting_sigma_t))
+            std_of = std_of_candidates(self.candidate_std, *coded)
+            detections.append(kept_detections(boxes, scores, labels, keep, std_of, self.var_voting_sigma_t))
         return detections
 
     def _level_candidates(
         self, level: dict[str, Tensor], anchors: Tensor, image_shape: tuple[int, int]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One image's candidates from one level, torchvision's steps: (boxes, scores, labels, σ)."""
+    ) -> tuple[Tensor, ...]:
+        """One image's candidates from one level, torchvision's steps: (boxes, scores, labels) and what
+        their σ is computed from, (α, regression, anchors)."""
         num_classes = level["cls_logits"].shape[-1]
         scores = self.candidate_scores(level).flatten()
         keep = scores > self.score_thresh
@@ -140,8 +143,7 @@ class DenseDetector(Detector):
         anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
         regression, anchors = level["bbox_regression"][anchor_idxs], anchors[anchor_idxs]
         boxes = clip_boxes_to_image(self.candidate_boxes(regression, anchors), image_shape)
-        std = self.candidate_std(level["bbox_log_var"][anchor_idxs], regression, anchors)
-        return boxes, scores, topk_idxs % num_classes, std
+        return boxes, scores, topk_idxs % num_classes, level["bbox_log_var"][anchor_idxs], regression, anchors
 
     @abc.abstractmethod
     def candidate_scores(self, level: dict[str, Tensor]) -> Tensor:

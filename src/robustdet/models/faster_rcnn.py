@@ -51,7 +51,7 @@ from robustdet.losses import LogVariances, LossConfig, task_loss
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, check_per_level, loss_dtype
-from robustdet.models.box_std import DetectionTransform, delta_std
+from robustdet.models.box_std import DetectionTransform, delta_std, std_of_candidates
 from robustdet.models.voting import kept_detections
 
 # torchvision's FasterRCNN: 7x7 RoIAlign with 2 samples per bin from P2-P5, a 1024-wide box head
@@ -320,41 +320,45 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
-        """torchvision's ``RoIHeads.postprocess_detections`` with each class-specific candidate carrying σ of
-        its corners (``box_std.delta_std``, the box head's weights (10, 10, 5, 5)): softmax, decoding,
-        clipping, score threshold, small boxes out, batched NMS, ``detections_per_img``; then ``bbox_std``
-        and, with ``model.var_voting``, the kept boxes voted (``voting.py``). Labels 0..C-1."""
-        heads = self.roi_heads
-        coder = heads.box_coder
+        """torchvision's ``RoIHeads.postprocess_detections`` with each class-specific candidate carrying what
+        σ of its corners comes from (``box_std.delta_std``, the box head's weights (10, 10, 5, 5)): softmax,
+        decoding, clipping, score threshold, small boxes out, batched NMS, ``detections_per_img``; then
+        ``bbox_std`` and, with ``model.var_voting``, the kept boxes voted (``voting.py``). Labels 0..C-1."""
+        coder = self.roi_heads.box_coder
         rois = box_regression.shape[0]
-        log_var, deltas = box_log_var.reshape(rois, -1, 4), box_regression.reshape(rois, -1, 4)
-        std = delta_std(log_var, deltas, torch.cat(proposals)[:, None], coder.weights, coder.bbox_xform_clip)
         counts = [p.shape[0] for p in proposals]
         parts = zip(
             coder.decode(box_regression, proposals).split(counts),
             F.softmax(class_logits, -1).split(counts),
-            std.split(counts),
+            box_log_var.reshape(rois, -1, 4).split(counts),
+            box_regression.reshape(rois, -1, 4).split(counts),
+            proposals,
             image_sizes,
             strict=True,
         )
         return [self._image_detections(*part) for part in parts]
 
     def _image_detections(
-        self, boxes: Tensor, scores: Tensor, std: Tensor, image_size: tuple[int, int]
+        self, boxes: Tensor, scores: Tensor, log_var: Tensor, deltas: Tensor, rois: Tensor, size: tuple[int, int]
     ) -> dict[str, Tensor]:
-        """One image's detections from its RoIs' per-class boxes [R, C+1, 4], scores [R, C+1], σ [R, C+1, 4]."""
+        """One image's detections from its RoIs' per-class boxes [R, C+1, 4], scores [R, C+1], α and deltas
+        [R, C+1, 4] and the RoIs [R, 4]."""
         heads = self.roi_heads
-        boxes = clip_boxes_to_image(boxes, image_size)
+        boxes = clip_boxes_to_image(boxes, size)
         labels = torch.arange(scores.shape[-1], device=scores.device).view(1, -1).expand_as(scores)
+        rois = rois[:, None].expand_as(boxes)
         # background (column 0) out, every class of every RoI its own candidate, labels back to 0..C-1
-        boxes, std = boxes[:, 1:].reshape(-1, 4), std[:, 1:].reshape(-1, 4)
+        flat = [x[:, 1:].reshape(-1, 4) for x in (boxes, log_var, deltas, rois)]
         scores, labels = scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1) - 1
         inds = torch.where(scores > heads.score_thresh)[0]
-        boxes, scores, labels, std = boxes[inds], scores[inds], labels[inds], std[inds]
-        inds = remove_small_boxes(boxes, min_size=1e-2)
-        boxes, scores, labels, std = boxes[inds], scores[inds], labels[inds], std[inds]
+        flat, scores, labels = [x[inds] for x in flat], scores[inds], labels[inds]
+        inds = remove_small_boxes(flat[0], min_size=1e-2)
+        (boxes, *coded), scores, labels = [x[inds] for x in flat], scores[inds], labels[inds]
         keep = batched_nms(boxes, scores, labels, heads.nms_thresh)[: heads.detections_per_img]
-        return kept_detections(boxes, scores, labels, std, keep, self.var_voting_sigma_t)
+        coder = heads.box_coder
+        std_of = std_of_candidates(partial(delta_std, weights=coder.weights, clamp=coder.bbox_xform_clip), *coded)
+        return kept_detections(boxes, scores, labels, keep, std_of, self.var_voting_sigma_t)
+
 
     # --- losses --------------------------------------------------------------------------------
 
