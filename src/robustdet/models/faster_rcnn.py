@@ -344,21 +344,23 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         """One image's detections from its RoIs' per-class boxes [R, C+1, 4], scores [R, C+1], α and deltas
         [R, C+1, 4] and the RoIs [R, 4]."""
         heads = self.roi_heads
-        boxes = clip_boxes_to_image(boxes, size)
-        labels = torch.arange(scores.shape[-1], device=scores.device).view(1, -1).expand_as(scores)
-        rois = rois[:, None].expand_as(boxes)
-        # background (column 0) out, every class of every RoI its own candidate, labels back to 0..C-1
-        flat = [x[:, 1:].reshape(-1, 4) for x in (boxes, log_var, deltas, rois)]
-        scores, labels = scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1) - 1
-        inds = torch.where(scores > heads.score_thresh)[0]
-        flat, scores, labels = [x[inds] for x in flat], scores[inds], labels[inds]
-        inds = remove_small_boxes(flat[0], min_size=1e-2)
-        (boxes, *coded), scores, labels = [x[inds] for x in flat], scores[inds], labels[inds]
+        # every class of every RoI its own candidate, background (column 0) left out; the candidates that
+        # pass the score threshold are picked first, so only they are clipped and gathered (torchvision
+        # clips and flattens all R·(C+1) boxes first: the same values, in the same order)
+        foreground = scores[:, 1:].reshape(-1)
+        num_classes = scores.shape[1] - 1
+        inds = torch.where(foreground > heads.score_thresh)[0]
+        roi = torch.div(inds, num_classes, rounding_mode="floor")
+        cls = inds - roi * num_classes + 1
+        boxes = clip_boxes_to_image(boxes[roi, cls], size)
+        scores, labels = foreground[inds], cls - 1  # labels 0..C-1
+        coded = [log_var[roi, cls], deltas[roi, cls], rois[roi]]
+        inds = remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, labels, coded = boxes[inds], scores[inds], labels[inds], [x[inds] for x in coded]
         keep = batched_nms(boxes, scores, labels, heads.nms_thresh)[: heads.detections_per_img]
         coder = heads.box_coder
         std_of = std_of_candidates(partial(delta_std, weights=coder.weights, clamp=coder.bbox_xform_clip), *coded)
         return kept_detections(boxes, scores, labels, keep, std_of, self.var_voting_sigma_t)
-
 
     # --- losses --------------------------------------------------------------------------------
 
