@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from robustdet import distributed as dist
 from robustdet.losses import LogVariances, LossConfig, box_loss_row
+from robustdet.models.voting import DEFAULT_SIGMA_T
 from robustdet.section import Section
 
 # "tiny": a test-sized body for tests and smoke runs (models/backbones.py, TinyBody)
@@ -59,8 +60,11 @@ class ModelSection(Section):
     score_thresh: float = Field(0.05, ge=0, le=1)
     nms_thresh: float = Field(0.5, gt=0, le=1)
     detections_per_img: int = Field(100, ge=1)
-    # α = log σ² per box regression output, trained with the KL-Loss (losses/box_uncertainty.py)
+    # α = log σ² per box regression output (KL-Loss); every detection then carries bbox_std (docs/models.md)
     box_uncertainty: bool = False
+    # var voting (He et al. 2019, Alg. 1) of the boxes NMS keeps, weighted by the candidates' σ (models/voting.py)
+    var_voting: bool = False
+    var_voting_sigma_t: float = Field(DEFAULT_SIGMA_T, gt=0)
 
     def transform_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of torchvision's ``GeneralizedRCNNTransform`` every detector passes on."""
@@ -77,6 +81,11 @@ class ModelSection(Section):
             raise ValueError("model.max_size must be at least model.min_size")
         if self.head_norm == "group_norm" and self.fpn_channels % self.group_norm_groups:
             raise ValueError("model.fpn_channels must be divisible by model.group_norm_groups")
+        if self.var_voting and not self.box_uncertainty:
+            raise ValueError(
+                "model.var_voting=true needs model.box_uncertainty=true: voting weighs the candidates by "
+                "their predicted σ"
+            )
         return self
 
 
@@ -239,6 +248,8 @@ class Detector(abc.ABC):
         if self.box_uncertainty:
             with torch.no_grad():
                 as_module(self).get_buffer("box_uncertainty_iter").add_(1)
+    # σ_t of var voting in post-processing (``model.var_voting``), None: off; set by ``build_detector``
+    var_voting_sigma_t: float | None = None
 
     @classmethod
     @abc.abstractmethod

@@ -27,13 +27,17 @@ from functools import cached_property
 import torch
 from pydantic import Field
 from torch import Tensor
+from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from robustdet.losses import TaskLoss, task_loss
 from robustdet.losses.box import box_loss_row
 from robustdet.losses.box_uncertainty import uncertain_box_loss
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, level_sums, loss_dtype, normalise
+from robustdet.models.box_std import std_of_candidates
 from robustdet.models.matching import BETWEEN_THRESHOLDS
+from robustdet.models.voting import kept_detections
 
 # 2**16 float32 elements = 256 KiB: fits an L2 cache; 2**15-2**17 measured alike on a Xeon, 2**20 slower
 CPU_CHUNK_ELEMENTS = 1 << 16
@@ -220,6 +224,61 @@ class DenseDetector(Detector):
         per_level_anchors = list(anchors.split(counts))
         detections = self.postprocess_detections(split, [per_level_anchors] * len(image_sizes), image_sizes)
         return self.transform.postprocess(detections, image_sizes, original_sizes)
+
+    def postprocess_detections(
+        self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """torchvision's post-processing, and with ``bbox_log_var`` among the head outputs
+        (``model.box_uncertainty``) the same steps carrying each candidate's σ: score threshold and top-k
+        per level, decoding, clipping, batched NMS, ``detections_per_img``; then ``bbox_std`` per detection
+        and, with ``model.var_voting``, the kept boxes voted from their candidates (``voting.py``).
+
+        ``head_outputs`` per level [B, A_l, ...], ``anchors`` per image per level. torchvision's own eval
+        forward calls this method too, so the exported program (``engine/export.py``) runs it.
+        """
+        if "bbox_log_var" not in head_outputs:
+            return super().postprocess_detections(head_outputs, anchors, image_shapes)  # type: ignore[misc]
+        detections = []
+        for index, image_shape in enumerate(image_shapes):
+            per_level = [
+                self._level_candidates({k: v[lv][index] for k, v in head_outputs.items()}, lv_anchors, image_shape)
+                for lv, lv_anchors in enumerate(anchors[index])
+            ]
+            boxes, scores, labels, *coded = (torch.cat(part) for part in zip(*per_level, strict=True))
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            std_of = std_of_candidates(self.candidate_std, *coded)
+            detections.append(kept_detections(boxes, scores, labels, keep, std_of, self.var_voting_sigma_t))
+        return detections
+
+    def _level_candidates(
+        self, level: dict[str, Tensor], anchors: Tensor, image_shape: tuple[int, int]
+    ) -> tuple[Tensor, ...]:
+        """One image's candidates from one level, torchvision's steps: (boxes, scores, labels) and what
+        their σ is computed from, (α, regression, anchors)."""
+        num_classes = level["cls_logits"].shape[-1]
+        scores = self.candidate_scores(level).flatten()
+        keep = scores > self.score_thresh
+        scores = scores[keep]
+        topk_idxs = torch.where(keep)[0]
+        num_topk = det_utils._topk_min(topk_idxs, self.topk_candidates, 0)
+        scores, idxs = scores.topk(num_topk)
+        topk_idxs = topk_idxs[idxs]
+        anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
+        regression, anchors = level["bbox_regression"][anchor_idxs], anchors[anchor_idxs]
+        boxes = clip_boxes_to_image(self.candidate_boxes(regression, anchors), image_shape)
+        return boxes, scores, topk_idxs % num_classes, level["bbox_log_var"][anchor_idxs], regression, anchors
+
+    @abc.abstractmethod
+    def candidate_scores(self, level: dict[str, Tensor]) -> Tensor:
+        """The detection scores [A, C] of one image's head outputs on one level (torchvision's)."""
+
+    @abc.abstractmethod
+    def candidate_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        """The boxes [K, 4] torchvision's post-processing decodes from ``regression`` [K, 4]."""
+
+    @abc.abstractmethod
+    def candidate_std(self, log_var: Tensor, regression: Tensor, anchors: Tensor) -> Tensor:
+        """σ of (x1, y1, x2, y2) [K, 4] of those boxes, from the log-variances ``log_var`` [K, 4] (``box_std``)."""
 
     # --- losses --------------------------------------------------------------------------------
 

@@ -40,17 +40,20 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
 from torchvision.ops.poolers import initLevelMapper
 
 from robustdet.losses import LogVariances, LossConfig, TaskLoss, box_loss_row, task_loss, uncertain_box_loss
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, check_per_level, loss_dtype
+from robustdet.models.box_std import DetectionTransform, delta_std, std_of_candidates
 from robustdet.models.heads import box_predictor
+from robustdet.models.voting import kept_detections
 
 # torchvision's FasterRCNN: 7x7 RoIAlign with 2 samples per bin from P2-P5, a 1024-wide box head
 ROI_FEATURE_MAPS = ["0", "1", "2", "3"]
@@ -137,6 +140,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         roi_levels = level_names(PYRAMID)[: len(ROI_FEATURE_MAPS)]  # P2-P5: the RoI levels, weighted
         self.setup_losses(loss, num_classes, roi_levels, log_variances, box_uncertainty)
         self.rpn_level_names = level_names(PYRAMID)  # P2-P6: the RPN's anchor levels, logged
+        self.transform = DetectionTransform.like(self.transform)  # rescales bbox_std too
 
     @classmethod
     def from_config(cls, section: FasterRCNNConfig, loss: LossConfig, num_classes: int) -> PerLevelFasterRCNN:
@@ -303,14 +307,64 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
     def _detect(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
-        class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)[:2]
-        boxes, scores, labels = self.roi_heads.postprocess_detections(
-            class_logits, box_regression, proposals, image_sizes
-        )
+        outputs = self._box_outputs(features, proposals, image_sizes)
+        if len(outputs) == 3:  # model.box_uncertainty
+            return self._uncertain_detections(*outputs, proposals, image_sizes)
+        boxes, scores, labels = self.roi_heads.postprocess_detections(*outputs, proposals, image_sizes)
         # torchvision's labels are 1..C here (background dropped): back to the engine's 0..C-1
         return [
             {"boxes": b, "scores": s, "labels": lab - 1} for b, s, lab in zip(boxes, scores, labels, strict=True)
         ]
+
+    def _uncertain_detections(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        box_log_var: Tensor,
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """torchvision's ``RoIHeads.postprocess_detections`` with each class-specific candidate carrying what
+        σ of its corners comes from (``box_std.delta_std``, the box head's weights (10, 10, 5, 5)): softmax,
+        decoding, clipping, score threshold, small boxes out, batched NMS, ``detections_per_img``; then
+        ``bbox_std`` and, with ``model.var_voting``, the kept boxes voted (``voting.py``). Labels 0..C-1."""
+        coder = self.roi_heads.box_coder
+        rois = box_regression.shape[0]
+        counts = [p.shape[0] for p in proposals]
+        parts = zip(
+            coder.decode(box_regression, proposals).split(counts),
+            F.softmax(class_logits, -1).split(counts),
+            box_log_var.reshape(rois, -1, 4).split(counts),
+            box_regression.reshape(rois, -1, 4).split(counts),
+            proposals,
+            image_sizes,
+            strict=True,
+        )
+        return [self._image_detections(*part) for part in parts]
+
+    def _image_detections(
+        self, boxes: Tensor, scores: Tensor, log_var: Tensor, deltas: Tensor, rois: Tensor, size: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        """One image's detections from its RoIs' per-class boxes [R, C+1, 4], scores [R, C+1], α and deltas
+        [R, C+1, 4] and the RoIs [R, 4]."""
+        heads = self.roi_heads
+        # every class of every RoI its own candidate, background (column 0) left out; the candidates that
+        # pass the score threshold are picked first, so only they are clipped and gathered (torchvision
+        # clips and flattens all R·(C+1) boxes first: the same values, in the same order)
+        foreground = scores[:, 1:].reshape(-1)
+        num_classes = scores.shape[1] - 1
+        inds = torch.where(foreground > heads.score_thresh)[0]
+        roi = torch.div(inds, num_classes, rounding_mode="floor")
+        cls = inds - roi * num_classes + 1
+        boxes = clip_boxes_to_image(boxes[roi, cls], size)
+        scores, labels = foreground[inds], cls - 1  # labels 0..C-1
+        coded = [log_var[roi, cls], deltas[roi, cls], rois[roi]]
+        inds = remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, labels, coded = boxes[inds], scores[inds], labels[inds], [x[inds] for x in coded]
+        keep = batched_nms(boxes, scores, labels, heads.nms_thresh)[: heads.detections_per_img]
+        coder = heads.box_coder
+        std_of = std_of_candidates(partial(delta_std, weights=coder.weights, clamp=coder.bbox_xform_clip), *coded)
+        return kept_detections(boxes, scores, labels, keep, std_of, self.var_voting_sigma_t)
 
     # --- losses --------------------------------------------------------------------------------
 

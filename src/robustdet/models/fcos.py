@@ -56,6 +56,7 @@ from torchvision.models.detection.fcos import FCOS
 from robustdet.losses import LogVariances, LossConfig, TaskLoss
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import check_per_level
+from robustdet.models.box_std import DetectionTransform, distance_std
 from robustdet.models.dense import Assignment, DenseDetector, DenseSection, masked
 from robustdet.models.heads import FCOSDenseHead
 from robustdet.models.matching import pad_boxes
@@ -168,6 +169,7 @@ class PerLevelFCOS(DenseDetector, FCOS):
             raise ValueError(f"range_bounds needs {len(level_names) + 1} values, got {range_bounds}")
         self.setup_losses(loss, num_classes, level_names, log_variances, box_uncertainty)
         self.range_bounds = [float(b) for b in range_bounds]
+        self.transform = DetectionTransform.like(self.transform)  # rescales bbox_std too
 
     @classmethod
     def from_config(cls, section: FCOSConfig, loss: LossConfig, num_classes: int) -> PerLevelFCOS:
@@ -220,6 +222,15 @@ class PerLevelFCOS(DenseDetector, FCOS):
 
     def decode_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
         return self.head.box_coder.decode(regression, anchors)
+
+    def candidate_scores(self, level: dict[str, Tensor]) -> Tensor:
+        return torch.sqrt(torch.sigmoid(level["cls_logits"]) * torch.sigmoid(level["bbox_ctrness"]))
+
+    def candidate_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self.head.box_coder.decode(regression, anchors)
+
+    def candidate_std(self, log_var: Tensor, regression: Tensor, anchors: Tensor) -> Tensor:
+        return distance_std(log_var, anchors)
 
     def point_ranges(self, counts: list[int], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """Each location's regression range (lower, upper) [A]: (m_i, m_{i+1}) of its level i."""

@@ -26,6 +26,7 @@ import math
 from functools import partial
 from typing import ClassVar, Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torchvision.models.detection.retinanet import RetinaNet
@@ -35,6 +36,7 @@ from robustdet.losses import LogVariances, LossConfig, TaskLoss
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import build_backbone, level_names
 from robustdet.models.base import check_per_level
+from robustdet.models.box_std import DetectionTransform, delta_std
 from robustdet.models.dense import Assignment, DenseDetector, DenseSection, masked
 from robustdet.models.heads import RetinaNetDenseHead
 from robustdet.models.matching import batched_box_iou, match_anchors, pad_boxes
@@ -85,6 +87,7 @@ class PerLevelRetinaNet(DenseDetector, RetinaNet):
         super().__init__(backbone, num_classes, **retinanet_kwargs)
         self.setup_losses(loss, num_classes, level_names, log_variances, box_uncertainty)
         self.delta_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.transform = DetectionTransform.like(self.transform)  # rescales bbox_std too
 
     @classmethod
     def from_config(cls, section: RetinaNetConfig, loss: LossConfig, num_classes: int) -> PerLevelRetinaNet:
@@ -127,6 +130,16 @@ class PerLevelRetinaNet(DenseDetector, RetinaNet):
 
     def decode_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
         return self.delta_coder.decode(regression, anchors)
+
+    def candidate_scores(self, level: dict[str, Tensor]) -> Tensor:
+        return torch.sigmoid(level["cls_logits"])
+
+    def candidate_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self.box_coder.decode_single(regression, anchors)
+
+    def candidate_std(self, log_var: Tensor, regression: Tensor, anchors: Tensor) -> Tensor:
+        coder = self.box_coder
+        return delta_std(log_var, regression, anchors, coder.weights, coder.bbox_xform_clip)
 
     def assign(self, targets: list[dict[str, Tensor]], anchors: Tensor, counts: list[int]) -> Assignment:
         """Each anchor's box by IoU: torchvision's ``Matcher`` for the whole batch (``matching.py``);
