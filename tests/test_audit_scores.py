@@ -92,7 +92,7 @@ def test_crowd_regions_are_not_scored_and_cover_proposals():
     rows = [*ANNS, (0, 15, [38, 38, 52, 52], 0, True)]
     rows.sort(key=lambda r: r[0])
     out = score_annotations(_anns(rows), _dets(DETS), num_images=2)
-    crowd = [i for i, r in enumerate(rows) if r[4]][0]
+    crowd = next(i for i, r in enumerate(rows) if r[4])
     assert out.score[crowd] == 0 and out.issue[crowd] == 0
     assert len(out.missing.image) == 0  # the overlooked object lies in a crowd region
 
@@ -150,7 +150,8 @@ def _synthetic_case(num_images: int, per_image: int, dets_per_image: int, seed: 
     boxes = np.concatenate([xy, xy + rng.uniform(5, 120, (n + d, 2))], axis=1)
     anns = Annotations(np.repeat(np.arange(num_images), per_image), np.arange(n), boxes[:n],
                        rng.integers(0, 20, n), np.zeros(n, bool), rng.exponential(1.0, n))
-    dets = Detections(np.repeat(np.arange(num_images), dets_per_image), boxes[n:], rng.uniform(0, 1, d),
+    # scores as a detector gives them: most of its 100 detections weak
+    dets = Detections(np.repeat(np.arange(num_images), dets_per_image), boxes[n:], rng.beta(0.5, 5.0, d),
                       rng.integers(0, 20, d), rng.uniform(1, 10, (d, 4)))
     return anns, dets
 

@@ -183,15 +183,20 @@ def propose_missing(dets: Detections, covered: np.ndarray, cfg: ScoreConfig) -> 
     """Detections over no annotation (IoU < tau_low with all) with score >= missing_min, after
     class-agnostic NMS within each image: the objects the labels may have overlooked."""
     import torch
-    from torchvision.ops import batched_nms
+    from torchvision.ops import nms
 
     keep = np.flatnonzero((covered < cfg.tau_low) & (dets.scores >= cfg.missing_min))
-    if len(keep):
-        kept = batched_nms(
-            torch.from_numpy(dets.boxes[keep]).float(), torch.from_numpy(dets.scores[keep]).float(),
-            torch.from_numpy(dets.image[keep]), cfg.missing_nms,
-        ).numpy()
-        keep = np.sort(keep[kept])
+    # NMS image by image (keep is sorted by image): torchvision's batched_nms on CPU either scans every box
+    # per image or runs one quadratic NMS over all of them
+    bounds = np.flatnonzero(np.diff(dets.image[keep])) + 1
+    kept = []
+    for group in np.split(keep, bounds) if len(keep) else []:
+        if len(group) == 1:
+            kept.append(group)
+            continue
+        boxes, scores = torch.from_numpy(dets.boxes[group]), torch.from_numpy(dets.scores[group])
+        kept.append(group[np.sort(nms(boxes, scores, cfg.missing_nms).numpy())])
+    keep = np.concatenate(kept) if kept else keep
     return Detections(dets.image[keep], dets.boxes[keep], dets.scores[keep], dets.labels[keep])
 
 
