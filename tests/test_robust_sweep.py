@@ -71,7 +71,7 @@ def test_selection_runs_are_apart_from_the_reported_ones():
     sel = build_cells(load_sweep_file(E / "select.yaml"))
     bench, _ = buildable(load_sweep_file(E / "robust.yaml"))
     reported = build_cells(bench)
-    assert len(sel) == 10 * 2 and {c.seed for c in sel} == {100}
+    assert len(sel) == 10 * 3 and {c.seed for c in sel} == {100}
     assert not {c.seed for c in sel} & {c.seed for c in reported}
     # another generated dataset (train and validation split), and other noise draws
     assert {c.cfg.data.synthetic.seed for c in sel} == {100} and {c.cfg.data.synthetic.seed for c in reported} == {0}
