@@ -71,14 +71,14 @@ def test_selection_runs_are_apart_from_the_reported_ones():
     sel = build_cells(load_sweep_file(E / "select.yaml"))
     bench, _ = buildable(load_sweep_file(E / "robust.yaml"))
     reported = build_cells(bench)
-    assert len(sel) == 10 * 3 and {c.seed for c in sel} == {100}
+    assert len(sel) == 11 * 3 and {c.seed for c in sel} == {100}
     assert not {c.seed for c in sel} & {c.seed for c in reported}
     # another generated dataset (train and validation split), and other noise draws
     assert {c.cfg.data.synthetic.seed for c in sel} == {100} and {c.cfg.data.synthetic.seed for c in reported} == {0}
     assert {c.cfg.data.train.label_noise.seed for c in sel} == {100}
     tried = {c.labels["method"]: c.cfg.loss for c in sel}
     assert [tried[f"bootstrap{b}"].bootstrap_beta for b in ("0.8", "0.95")] == [0.8, 0.95]
-    assert [tried[f"brl{t}"].brl_threshold for t in ("0.3", "0.5", "0.7")] == [0.3, 0.5, 0.7]
+    assert [tried[f"brl{t}"].brl_threshold for t in ("0.1", "0.2", "0.3", "0.5")] == [0.1, 0.2, 0.3, 0.5]
     # the selection cell is the benchmark's otherwise
     a = next(c.cfg for c in sel if c.labels == {"method": "baseline", "noise": "flip40"})
     b = next(c.cfg for c in reported if c.labels == {"method": "baseline", "noise": "flip40"} and c.seed == 0)
