@@ -23,6 +23,7 @@ import abc
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -31,9 +32,10 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from robustdet.losses import TaskLoss, task_loss
+from robustdet.losses import LossConfig, TaskLoss, task_loss
 from robustdet.losses.box import box_loss_row
 from robustdet.losses.box_uncertainty import uncertain_box_loss
+from robustdet.losses.noisy_labels import bootstrap_targets, gce_focal_loss, recalibrate_background, smooth_labels
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, level_sums, loss_dtype, normalise
 from robustdet.models.box_std import std_of_candidates
 from robustdet.models.matching import BETWEEN_THRESHOLDS
@@ -113,6 +115,9 @@ class DenseDetector(Detector):
     Mixed into torchvision's ``RetinaNet`` / ``FCOS``, whose ``transform``, ``backbone``, ``head``,
     ``anchor_generator`` and ``postprocess_detections`` it uses.
     """
+
+    # the config's check for loss.cls_method / loss.brl (config.Config): these act on this focal loss
+    sigmoid_focal_classifier: ClassVar[bool] = True
 
     def forward(  # type: ignore[override]
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
@@ -283,7 +288,8 @@ class DenseDetector(Detector):
     # --- losses --------------------------------------------------------------------------------
 
     def classification_loss(self, logits: Tensor, labels: Tensor, foreground: Tensor) -> TaskLoss:
-        """Σ_c of the (Bayesian, s_cls) focal loss per anchor [B, A], one-hot targets built on the fly.
+        """Σ_c of the (Bayesian, s_cls) focal loss per anchor [B, A], one-hot targets built on the fly, with
+        the noise-robust targets or terms ``loss.cls_method`` / ``loss.brl`` switch on (:func:`noisy_label_focal`).
 
         On CPU the elements go through in chunks of ``CPU_CHUNK_ELEMENTS``: the focal loss is some 30
         elementwise passes, and a chunk that stays in cache between them makes the batched loss faster
@@ -299,7 +305,7 @@ class DenseDetector(Detector):
         ):
             # background anchors stay all-zero, foreground ones get a 1 at their class
             t = torch.zeros_like(x).scatter_(1, lab[:, None], fg[:, None].to(x.dtype))
-            part = task_loss("focal", x, t, log_var, self.loss_cfg)
+            part = noisy_label_focal(x, t, fg, log_var, self.loss_cfg)
             values.append(part.value.sum(dim=1))
             if part.plain is not None:
                 plains.append(part.plain.sum(dim=1))
@@ -355,10 +361,33 @@ class DenseDetector(Detector):
         )
 
 
+def noisy_label_focal(x: Tensor, t: Tensor, foreground: Tensor, log_var: Tensor | None, loss: LossConfig) -> TaskLoss:
+    """The elementwise classification loss [N, C] of logits ``x`` against one-hot rows ``t`` (zero rows for
+    background; ``foreground`` [N]): the (Bayesian) focal loss of ``task_loss``, on targets transformed by
+    ``loss.cls_method`` bootstrap / label_smoothing, or the GCE focal loss for gce; then, with ``loss.brl``,
+    the background elements above ``loss.brl_threshold`` recalibrated. With the switches off it is
+    ``task_loss("focal", ...)`` itself (losses/noisy_labels.py has the equations)."""
+    method = loss.cls_method
+    if method == "bootstrap":
+        t = bootstrap_targets(x, t, loss.bootstrap_beta)
+    elif method == "label_smoothing":
+        t = smooth_labels(t, foreground, loss.label_smoothing)
+    if method == "gce":
+        part = TaskLoss(gce_focal_loss(x, t, loss.gce_q, loss.focal_alpha, loss.focal_gamma), None)
+    else:
+        part = task_loss("focal", x, t, log_var, loss)
+    if loss.brl:  # the config refuses BRL with the Bayesian loss, so there is no plain part to keep
+        value = recalibrate_background(
+            part.value, x, ~foreground, loss.brl_threshold, loss.focal_alpha, loss.focal_gamma
+        )
+        part = TaskLoss(value, None)
+    return part
+
+
 def masked(loss: TaskLoss, mask: Tensor) -> TaskLoss:
     """``loss`` where ``mask`` holds, 0 elsewhere (value and plain alike)."""
     plain = None if loss.plain is None else torch.where(mask, loss.plain, 0.0)
     return TaskLoss(torch.where(mask, loss.value, 0.0), plain)
 
 
-__all__ = ["CPU_CHUNK_ELEMENTS", "Assignment", "DenseDetector", "DenseSection", "masked"]
+__all__ = ["CPU_CHUNK_ELEMENTS", "Assignment", "DenseDetector", "DenseSection", "masked", "noisy_label_focal"]
