@@ -1,6 +1,6 @@
 """Datasets (COCO, YOLO, VOC, synthetic) as one COCO-backed ``DetectionDataset``, and exact loaders."""
 
-from robustdet.data.coco import coco_api, load_coco, validate_coco
+from robustdet.data.coco import load_coco
 from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, SyntheticConfig, parse_source
 from robustdet.data.dataset import (
     EVALUATION,
@@ -19,6 +19,7 @@ from robustdet.data.loader import (
     eval_shard,
     sample_seed,
 )
+from robustdet.data.schema import coco_api, validate_coco
 from robustdet.data.synthetic import ensure_synthetic, load_synthetic
 from robustdet.data.voc import VOC_CLASSES, load_voc
 from robustdet.data.yolo import load_yolo

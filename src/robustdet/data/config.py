@@ -7,12 +7,14 @@ keys and loads its split (``SourceSection.load``), so a new format is one new fi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from robustdet.data.coco import CocoSource
-from robustdet.data.merge import as_sources
+from robustdet.data.merge import SEPARATOR, as_sources, merge_coco
 from robustdet.data.source import SourceSection
 from robustdet.data.synthetic import SyntheticConfig, SyntheticSource
 from robustdet.data.voc import VocSource
@@ -100,6 +102,28 @@ class DataConfig(Section):
                 )
         return self
 
+    def bind(self, source: SourceSection) -> SourceSection:
+        """``source`` with what this section holds for it: the synthetic source's ``data.synthetic``."""
+        return source.with_settings(self.synthetic) if isinstance(source, SyntheticSource) else source
+
+
+def load_sources(
+    sources: Sequence[SourceSection], data_cfg: DataConfig, train: bool, cache_dir: str | Path | None = None
+) -> tuple[dict[str, Any], Path, str]:
+    """The split the sources make together: its COCO dict, image root, and name (for messages).
+
+    One source is loaded as it is; several are loaded one by one and merged (``merge.merge_coco``).
+    """
+    loaded = []
+    for source in sources:
+        split = source.split or ("train" if train else "val")
+        data, root = data_cfg.bind(source).load(split, cache_dir)
+        loaded.append((source.describe(split), data, root))
+    if len(loaded) == 1:
+        return loaded[0][1], loaded[0][2], loaded[0][0]
+    data, root = merge_coco(loaded)
+    return data, root, SEPARATOR.join(name for name, _, _ in loaded)
+
 
 __all__ = [
     "FORMATS",
@@ -108,5 +132,6 @@ __all__ = [
     "DatasetSource",
     "DatasetSources",
     "SyntheticConfig",
+    "load_sources",
     "parse_source",
 ]

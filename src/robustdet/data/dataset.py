@@ -18,11 +18,11 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from robustdet.data.coco import ErrorList, coco_api, validate_coco
-from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, parse_source
+from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, load_sources, parse_source
 from robustdet.data.headers import cache_file, read_headers
-from robustdet.data.merge import as_sources, load_sources
+from robustdet.data.merge import as_sources
 from robustdet.data.noise import apply_source_noise
+from robustdet.data.schema import ErrorList, coco_api, validate_coco
 from robustdet.data.source import SourceSection
 from robustdet.errors import DatasetError
 from robustdet.files import write_json_atomic
@@ -428,6 +428,6 @@ def convert_to_coco(fmt: str, path: str | Path, split: str, out_json: str | Path
     if fmt not in FORMATS or fmt in ("synthetic", "coco"):
         raise DatasetError(f"convert: the input format must be yolo or voc, got {fmt!r}")
     source = parse_source({"format": fmt, "path": str(path), "split": split})
-    data, image_root = source.load(DataConfig(), split)
+    data, image_root = source.load(split)
     write_json_atomic(out_json, data, indent=None)
     return image_root

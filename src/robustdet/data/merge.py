@@ -12,13 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from robustdet.data.source import SourceSection
 from robustdet.errors import DatasetError
-
-if TYPE_CHECKING:
-    from robustdet.data.config import DataConfig
 
 # how messages name the sources of a merged split
 SEPARATOR = " + "
@@ -96,22 +93,4 @@ def as_sources(source: SourceSection | Sequence[SourceSection]) -> list[SourceSe
     return [source] if isinstance(source, SourceSection) else list(source)
 
 
-def load_sources(
-    sources: Sequence[SourceSection], data_cfg: DataConfig, train: bool, cache_dir: str | Path | None = None
-) -> tuple[dict[str, Any], Path, str]:
-    """The split the sources make together: its COCO dict, image root, and name (for messages).
-
-    One source is loaded as it is; several are loaded one by one and merged (``merge_coco``).
-    """
-    loaded = []
-    for source in sources:
-        split = source.split or ("train" if train else "val")
-        data, root = source.load(data_cfg, split, cache_dir)
-        loaded.append((source.describe(split), data, root))
-    if len(loaded) == 1:
-        return loaded[0][1], loaded[0][2], loaded[0][0]
-    data, root = merge_coco(loaded)
-    return data, root, SEPARATOR.join(name for name, _, _ in loaded)
-
-
-__all__ = ["as_sources", "load_sources", "merge_coco"]
+__all__ = ["SEPARATOR", "as_sources", "merge_coco"]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, ValidationError
 
+from robustdet.data.schema import read_json, validate_coco
 from robustdet.errors import ConfigError
 from robustdet.files import write_json_atomic
 from robustdet.section import Section
@@ -95,6 +97,139 @@ def _jitter_axis(
     return np.where(small, centre - min_side / 2, new_lo), np.where(small, centre + min_side / 2, new_hi)
 
 
+@dataclass(frozen=True)
+class _Boxes:
+    """The non-crowd annotations of a dataset, sorted by id, as arrays (what every kind of noise draws on)."""
+
+    annotations: list[dict[str, Any]]
+    ids: list[int]
+    boxes: np.ndarray  # [n, 4] x, y, w, h
+    labels: np.ndarray  # [n] contiguous labels 0..C-1 (sorted category id order)
+    image_wh: np.ndarray  # [n, 2] the size of each box's image
+    categories: list[int]  # sorted category ids: label k is categories[k]
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> _Boxes:
+        categories = sorted(c["id"] for c in data["categories"])
+        label_of = {cid: k for k, cid in enumerate(categories)}
+        sizes = {img["id"]: (float(img["width"]), float(img["height"])) for img in data["images"]}
+        # sorted by id, so that nothing below depends on the order of the list
+        eligible = sorted((a for a in data["annotations"] if not a["iscrowd"]), key=lambda a: a["id"])
+        n = len(eligible)
+        return cls(
+            annotations=eligible,
+            ids=[a["id"] for a in eligible],
+            boxes=np.array([a["bbox"] for a in eligible], dtype=np.float64).reshape(n, 4),
+            labels=np.array([label_of[a["category_id"]] for a in eligible], dtype=np.int64),
+            image_wh=np.array([sizes[a["image_id"]] for a in eligible], dtype=np.float64).reshape(n, 2),
+            categories=categories,
+        )
+
+
+def _flips(
+    cfg: LabelNoiseConfig, b: _Boxes, kept: np.ndarray, partners: list[int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which kept boxes change class, and every box's label after the flips."""
+    if cfg.class_flip <= 0:
+        return np.zeros(len(b.ids), dtype=bool), b.labels
+    num_classes = len(b.categories)
+    u = _uniforms(cfg.seed, "class_flip", b.ids, 2)
+    flipped = kept & (u[:, 0] < cfg.class_flip)
+    if partners is not None:
+        other = np.asarray(partners, dtype=np.int64)[b.labels]
+    else:  # uniform over the C - 1 other classes
+        other = (b.labels + 1 + (u[:, 1] * (num_classes - 1)).astype(np.int64)) % num_classes
+    return flipped, np.where(flipped, other, b.labels)
+
+
+def _jitter(cfg: LabelNoiseConfig, b: _Boxes, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Which boxes moved, every box after the jitter, and the sum over moved boxes of |edge shifts| / side."""
+    if cfg.box_jitter <= 0:
+        return np.zeros(len(b.ids), dtype=bool), b.boxes, 0.0
+    d = cfg.box_jitter * (2 * _uniforms(cfg.seed, "box_jitter", b.ids, 4) - 1)
+    x, y, w, h = b.boxes.T
+    x1, x2 = _jitter_axis(x, x + w, d[:, 0], d[:, 1], b.image_wh[:, 0])
+    y1, y2 = _jitter_axis(y, y + h, d[:, 2], d[:, 3], b.image_wh[:, 1])
+    moved = (np.abs(x1 - x) + np.abs(x2 - x - w)) / w + (np.abs(y1 - y) + np.abs(y2 - y - h)) / h
+    new_boxes = np.where(kept[:, None], np.stack([x1, y1, x2 - x1, y2 - y1], axis=1), b.boxes)
+    return kept, new_boxes, float(moved[kept].sum())
+
+
+def _spurious(cfg: LabelNoiseConfig, b: _Boxes, next_id: int) -> list[dict[str, Any]]:
+    """The added boxes: each annotation spawns one with probability ``spurious`` (ids from ``next_id`` on)."""
+    n = len(b.ids)
+    if cfg.spurious <= 0 or not n:
+        return []
+    u = _uniforms(cfg.seed, "spurious", b.ids, 5)
+    pick = (u[:, 2] * n).astype(np.int64)
+    w = np.minimum(np.maximum(b.boxes[pick, 2], MIN_BOX_SIDE), b.image_wh[:, 0])
+    h = np.minimum(np.maximum(b.boxes[pick, 3], MIN_BOX_SIDE), b.image_wh[:, 1])
+    x, y = u[:, 3] * (b.image_wh[:, 0] - w), u[:, 4] * (b.image_wh[:, 1] - h)
+    cls = (u[:, 1] * len(b.categories)).astype(np.int64)
+    added: list[dict[str, Any]] = []
+    for i in np.flatnonzero(u[:, 0] < cfg.spurious).tolist():
+        bbox = [float(x[i]), float(y[i]), float(w[i]), float(h[i])]
+        added.append(
+            {
+                "id": next_id + len(added),
+                "image_id": b.annotations[i]["image_id"],
+                "category_id": b.categories[int(cls[i])],
+                "bbox": bbox,
+                "area": bbox[2] * bbox[3],
+                "iscrowd": 0,
+            }
+        )
+    return added
+
+
+def _changed_annotations(
+    b: _Boxes, dropped: np.ndarray, flipped: np.ndarray, jittered: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+) -> dict[int, dict[str, Any] | None]:
+    """Annotation id -> its noisy record (None: dropped), for the annotations that changed."""
+    replaced: dict[int, dict[str, Any] | None] = {b.ids[i]: None for i in np.flatnonzero(dropped).tolist()}
+    changed = np.flatnonzero(flipped | jittered)
+    # whole arrays to Python lists at once: element-wise numpy access costs more than the noise itself
+    changed_boxes, changed_labels = boxes[changed].tolist(), labels[changed].tolist()
+    for i, bbox, label, moved_box in zip(
+        changed.tolist(), changed_boxes, changed_labels, jittered[changed].tolist(), strict=True
+    ):
+        ann = b.annotations[i]
+        replaced[b.ids[i]] = {
+            **ann,
+            "category_id": b.categories[label],
+            "bbox": bbox,
+            "area": bbox[2] * bbox[3] if moved_box else ann["area"],
+        }
+    return replaced
+
+
+def _noise_report(
+    cfg: LabelNoiseConfig, source: str, b: _Boxes, total: int, masks: dict[str, np.ndarray], shift: float,
+    added: list[dict[str, Any]], partners: list[int] | None,
+) -> dict[str, Any]:
+    """What ``apply_label_noise`` changed: requested and realised rates, counts, changed and added ids."""
+    n = len(b.ids)
+    counts = {kind: int(mask.sum()) for kind, mask in masks.items()}
+    counts["spurious"] = len(added)
+    n_kept = n - counts["drop"]
+    return {
+        "source": source,
+        "requested": cfg.model_dump(mode="json"),
+        "realised": {
+            "class_flip": counts["class_flip"] / n_kept if n_kept else 0.0,
+            "box_jitter": 2 * shift / (4 * counts["box_jitter"]) if counts["box_jitter"] else 0.0,
+            "drop": counts["drop"] / n if n else 0.0,
+            "spurious": counts["spurious"] / n if n else 0.0,
+        },
+        "annotations": n,
+        "crowd_untouched": total - n,
+        "counts": {kind: counts[kind] for kind in NOISE_KINDS},
+        "flip_pairs": [[b.categories[k], b.categories[p]] for k, p in enumerate(partners)] if partners else None,
+        "changed": {kind: [b.ids[i] for i in np.flatnonzero(mask).tolist()] for kind, mask in masks.items()},
+        "added": [a["id"] for a in added],
+    }
+
+
 def apply_label_noise(
     data: dict[str, Any], cfg: LabelNoiseConfig, source: str = "dataset"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -116,110 +251,22 @@ def apply_label_noise(
     Realised ``box_jitter`` is 2 x the mean |edge shift| / side over the jittered boxes (the mean of
     |U(-r, r)| is r/2), measured on the final, clipped boxes.
     """
-    categories = sorted(c["id"] for c in data["categories"])
-    num_classes = len(categories)
+    num_classes = len(data["categories"])
     if cfg.class_flip > 0 and num_classes < 2:
         raise ConfigError(
             f"label_noise.class_flip={cfg.class_flip}: {source} has a single category, there is nothing to flip to"
         )
     partners = flip_partners(num_classes) if cfg.flip_mode == "pairs" and num_classes >= 2 else None
-    label_of = {cid: k for k, cid in enumerate(categories)}
-    sizes = {img["id"]: (float(img["width"]), float(img["height"])) for img in data["images"]}
-    # sorted by id, so that nothing below depends on the order of the list
-    eligible = sorted((a for a in data["annotations"] if not a["iscrowd"]), key=lambda a: a["id"])
-    n = len(eligible)
-    ids = [a["id"] for a in eligible]
-    boxes = np.array([a["bbox"] for a in eligible], dtype=np.float64).reshape(n, 4)  # x, y, w, h
-    labels = np.array([label_of[a["category_id"]] for a in eligible], dtype=np.int64)
-    image_wh = np.array([sizes[a["image_id"]] for a in eligible], dtype=np.float64).reshape(n, 2)
-    none = np.zeros(n, dtype=bool)
-
-    dropped = _uniforms(cfg.seed, "drop", ids, 1)[:, 0] < cfg.drop if cfg.drop > 0 else none
-    kept = ~dropped
-    flipped, new_labels = none, labels
-    if cfg.class_flip > 0:
-        u = _uniforms(cfg.seed, "class_flip", ids, 2)
-        flipped = kept & (u[:, 0] < cfg.class_flip)
-        if partners is not None:
-            other = np.asarray(partners, dtype=np.int64)[labels]
-        else:  # uniform over the C - 1 other classes
-            other = (labels + 1 + (u[:, 1] * (num_classes - 1)).astype(np.int64)) % num_classes
-        new_labels = np.where(flipped, other, labels)
-    jittered, new_boxes, shift = none, boxes, 0.0
-    if cfg.box_jitter > 0:
-        jittered = kept
-        d = cfg.box_jitter * (2 * _uniforms(cfg.seed, "box_jitter", ids, 4) - 1)
-        x, y, w, h = boxes.T
-        x1, x2 = _jitter_axis(x, x + w, d[:, 0], d[:, 1], image_wh[:, 0])
-        y1, y2 = _jitter_axis(y, y + h, d[:, 2], d[:, 3], image_wh[:, 1])
-        moved = (np.abs(x1 - x) + np.abs(x2 - x - w)) / w + (np.abs(y1 - y) + np.abs(y2 - y - h)) / h
-        shift = float(moved[jittered].sum())
-        new_boxes = np.where(jittered[:, None], np.stack([x1, y1, x2 - x1, y2 - y1], axis=1), boxes)
-
-    added: list[dict[str, Any]] = []
-    if cfg.spurious > 0 and n:
-        u = _uniforms(cfg.seed, "spurious", ids, 5)
-        pick = (u[:, 2] * n).astype(np.int64)
-        w = np.minimum(np.maximum(boxes[pick, 2], MIN_BOX_SIDE), image_wh[:, 0])
-        h = np.minimum(np.maximum(boxes[pick, 3], MIN_BOX_SIDE), image_wh[:, 1])
-        x, y = u[:, 3] * (image_wh[:, 0] - w), u[:, 4] * (image_wh[:, 1] - h)
-        cls = (u[:, 1] * num_classes).astype(np.int64)
-        next_id = max(a["id"] for a in data["annotations"]) + 1
-        for i in np.flatnonzero(u[:, 0] < cfg.spurious).tolist():
-            bbox = [float(x[i]), float(y[i]), float(w[i]), float(h[i])]
-            added.append(
-                {
-                    "id": next_id + len(added),
-                    "image_id": eligible[i]["image_id"],
-                    "category_id": categories[int(cls[i])],
-                    "bbox": bbox,
-                    "area": bbox[2] * bbox[3],
-                    "iscrowd": 0,
-                }
-            )
-
-    replaced: dict[int, dict[str, Any] | None] = {ids[i]: None for i in np.flatnonzero(dropped).tolist()}
-    changed = np.flatnonzero(flipped | jittered)
-    # whole arrays to Python lists at once: element-wise numpy access costs more than the noise itself
-    changed_boxes, changed_labels = new_boxes[changed].tolist(), new_labels[changed].tolist()
-    for i, bbox, label, moved_box in zip(
-        changed.tolist(), changed_boxes, changed_labels, jittered[changed].tolist(), strict=True
-    ):
-        replaced[ids[i]] = {
-            **eligible[i],
-            "category_id": categories[label],
-            "bbox": bbox,
-            "area": bbox[2] * bbox[3] if moved_box else eligible[i]["area"],
-        }
+    b = _Boxes.of(data)
+    dropped = _uniforms(cfg.seed, "drop", b.ids, 1)[:, 0] < cfg.drop if cfg.drop > 0 else np.zeros(len(b.ids), bool)
+    flipped, labels = _flips(cfg, b, ~dropped, partners)
+    jittered, boxes, shift = _jitter(cfg, b, ~dropped)
+    added = _spurious(cfg, b, max((a["id"] for a in data["annotations"]), default=0) + 1)
+    replaced = _changed_annotations(b, dropped, flipped, jittered, boxes, labels)
     annotations = [replaced.get(a["id"], a) for a in data["annotations"]]
     annotations = [a for a in annotations if a is not None] + added
-
-    counts = {
-        "class_flip": int(flipped.sum()),
-        "box_jitter": int(jittered.sum()),
-        "drop": int(dropped.sum()),
-        "spurious": len(added),
-    }
-    n_kept = n - counts["drop"]
-    report: dict[str, Any] = {
-        "source": source,
-        "requested": cfg.model_dump(mode="json"),
-        "realised": {
-            "class_flip": counts["class_flip"] / n_kept if n_kept else 0.0,
-            "box_jitter": 2 * shift / (4 * counts["box_jitter"]) if counts["box_jitter"] else 0.0,
-            "drop": counts["drop"] / n if n else 0.0,
-            "spurious": counts["spurious"] / n if n else 0.0,
-        },
-        "annotations": n,
-        "crowd_untouched": len(data["annotations"]) - n,
-        "counts": counts,
-        "flip_pairs": [[categories[k], categories[p]] for k, p in enumerate(partners)] if partners else None,
-        "changed": {
-            kind: [ids[i] for i in np.flatnonzero(mask).tolist()]
-            for kind, mask in (("class_flip", flipped), ("box_jitter", jittered), ("drop", dropped))
-        },
-        "added": [a["id"] for a in added],
-    }
+    masks = {"class_flip": flipped, "box_jitter": jittered, "drop": dropped}
+    report = _noise_report(cfg, source, b, len(data["annotations"]), masks, shift, added, partners)
     return {**data, "annotations": annotations}, report
 
 
@@ -259,9 +306,6 @@ def noise_coco_file(src: str | Path, dst: str | Path, cfg: LabelNoiseConfig) -> 
     for out in (dst, sidecar):
         if _same_file(src, out):
             raise ConfigError(f"noise: {out} is the source {src}; write the noisy copy to another file")
-    # imported here: the format sections (data/source.py) hold a LabelNoiseConfig, and coco.py is a format
-    from robustdet.data.coco import read_json, validate_coco
-
     data = validate_coco(read_json(src), str(src), src.parent, check_files=False)
     noisy, report = apply_label_noise(data, cfg, str(src))
     write_json_atomic(dst, noisy, indent=None)

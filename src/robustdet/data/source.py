@@ -8,15 +8,12 @@ root. ``data/config.py`` holds the one table of formats.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import model_validator
 
 from robustdet.data.noise import LabelNoiseConfig
 from robustdet.section import Section
-
-if TYPE_CHECKING:
-    from robustdet.data.config import DataConfig
 
 
 class SourceSection(Section):
@@ -30,11 +27,10 @@ class SourceSection(Section):
     # read every image's header before training (``data.verify_images``) for this format
     verify_headers: ClassVar[bool] = False
 
-    def load(
-        self, data: DataConfig, split: str, cache_dir: str | Path | None = None
-    ) -> tuple[dict[str, Any], Path]:
+    def load(self, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
         """The split as a validated COCO dict, and the folder its ``file_name``s are relative to;
-        ``cache_dir``: where a loader that reads image headers caches them (data/headers.py)."""
+        ``cache_dir``: where a loader that reads image headers caches them (data/headers.py). Everything
+        else a format reads is in its own section (the synthetic one's settings: ``SyntheticSource``)."""
         raise NotImplementedError
 
     def describe(self, split: str) -> str:

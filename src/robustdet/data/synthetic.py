@@ -25,9 +25,10 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
-from robustdet.data.coco import annotation_record, load_coco
+from robustdet.data.coco import load_coco
+from robustdet.data.schema import annotation_record
 from robustdet.data.source import SourceSection
 from robustdet.errors import DatasetError
 from robustdet.section import Section
@@ -60,9 +61,23 @@ class SyntheticSource(SourceSection):
     """``format: synthetic`` (the default): ``split`` train or val of ``data.synthetic``."""
 
     format: Literal["synthetic"] = "synthetic"
+    # What to generate. Written once for train and val as ``data.synthetic`` (both splits are one dataset),
+    # so not a key of this section: the data section hands it over when it loads the split
+    # (``data.config.load_sources``); a source alone has the defaults.
+    _settings: SyntheticConfig = PrivateAttr(default_factory=SyntheticConfig)
 
-    def load(self, data: Any, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
-        return load_synthetic(data.synthetic, split)
+    @property
+    def settings(self) -> SyntheticConfig:
+        return self._settings
+
+    def with_settings(self, settings: SyntheticConfig) -> SyntheticSource:
+        """This source generating the dataset ``settings`` describe."""
+        source = self.model_copy()
+        source._settings = settings
+        return source
+
+    def load(self, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+        return load_synthetic(self._settings, split)
 
 
 def cache_base(cfg: SyntheticConfig) -> Path:

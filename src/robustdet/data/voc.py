@@ -14,7 +14,7 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 from pydantic import field_validator
 
-from robustdet.data.coco import (
+from robustdet.data.schema import (
     ErrorList,
     annotation_record,
     categories_from_names,
@@ -121,7 +121,7 @@ class VocSource(FileSource):
                 raise ValueError(f"{repeated} listed more than once")
         return names
 
-    def load(self, data: Any, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+    def load(self, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
         coco, root = load_voc(self.path or "", split, class_names=self.class_names, image_root=self.image_root)
         if self.class_names is None and os.environ.get("RANK", "0") == "0":
             names = [c["name"] for c in coco["categories"]]
@@ -165,6 +165,45 @@ def _split_stems(split_file: Path, voc_root: Path) -> list[str]:
     return stems
 
 
+def _image_size(node: Element, xml_path: Path) -> tuple[int, int]:
+    size = node.find("size")
+    if size is None:
+        raise DatasetError(f"{xml_path}: missing <size>")
+    width, height = (_number(size, t, f"{xml_path}: <size>") for t in ("width", "height"))
+    if width <= 0 or height <= 0 or not width.is_integer() or not height.is_integer():
+        raise DatasetError(f"{xml_path}: <size> must hold positive integers, got {width:g}x{height:g}")
+    return int(width), int(height)
+
+
+def _parse_images(
+    voc_root: Path, split_file: Path, stems: list[str], root: Path, errors: ErrorList
+) -> list[tuple[dict[str, Any], Path, Element]]:
+    """(COCO image, XML path, parsed XML) of every listed image whose file and XML (size) are usable; the
+    others are added to ``errors``. Image ids are 1..N in the order of the split file."""
+    root_real = check_image_root(root, str(voc_root))
+    annotations_dir = (voc_root / "Annotations").resolve()
+    parsed: list[tuple[dict[str, Any], Path, Element]] = []
+    for image_id, stem in enumerate(stems, start=1):
+        where = f"{split_file}: line {image_id} ({stem!r})"
+        file_name = f"{stem}.jpg"
+        problem = check_image_file(root, root_real, file_name, where)
+        if problem:
+            errors.add(problem)
+            continue
+        xml_path = voc_root / "Annotations" / f"{stem}.xml"
+        if not xml_path.resolve().is_relative_to(annotations_dir):
+            errors.add(f"{where}: annotation path {xml_path} escapes {voc_root / 'Annotations'}")
+            continue
+        try:
+            root_node = _parse_xml(xml_path)
+            width, height = _image_size(root_node, xml_path)
+        except DatasetError as exc:
+            errors.add(str(exc))
+            continue
+        parsed.append(({"id": image_id, "file_name": file_name, "width": width, "height": height}, xml_path, root_node))
+    return parsed
+
+
 def load_voc(
     voc_root: str | Path,
     split: str,
@@ -183,36 +222,9 @@ def load_voc(
     split_file = voc_root / "ImageSets" / "Main" / f"{split}.txt"
     stems = _split_stems(split_file, voc_root)
     root = Path(image_root) if image_root is not None else voc_root / "JPEGImages"
-    root_real = check_image_root(root, str(voc_root))
     errors = ErrorList()
     # first every XML (size checked), then the objects: the class table may come from the XML names
-    parsed: list[tuple[dict[str, Any], Path, Element]] = []
-    for image_id, stem in enumerate(stems, start=1):
-        where = f"{split_file}: line {image_id} ({stem!r})"
-        file_name = f"{stem}.jpg"
-        problem = check_image_file(root, root_real, file_name, where)
-        if problem:
-            errors.add(problem)
-            continue
-        xml_path = voc_root / "Annotations" / f"{stem}.xml"
-        if not xml_path.resolve().is_relative_to((voc_root / "Annotations").resolve()):
-            errors.add(f"{where}: annotation path {xml_path} escapes {voc_root / 'Annotations'}")
-            continue
-        try:
-            root_node = _parse_xml(xml_path)
-            size = root_node.find("size")
-            if size is None:
-                raise DatasetError(f"{xml_path}: missing <size>")
-            width, height = (_number(size, t, f"{xml_path}: <size>") for t in ("width", "height"))
-            if width <= 0 or height <= 0 or not width.is_integer() or not height.is_integer():
-                raise DatasetError(
-                    f"{xml_path}: <size> must hold positive integers, got {width:g}x{height:g}"
-                )
-        except DatasetError as exc:
-            errors.add(str(exc))
-            continue
-        image = {"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)}
-        parsed.append((image, xml_path, root_node))
+    parsed = _parse_images(voc_root, split_file, stems, root, errors)
     if class_names is None:
         class_names = xml_class_names(node for _, _, node in parsed)
         if not class_names and not errors.messages:
@@ -221,7 +233,6 @@ def load_voc(
                 "(set class_names)"
             )
     class_index = {name: i for i, name in enumerate(class_names)}
-
     images, annotations = [], []
     for image, xml_path, root_node in parsed:
         try:

@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 import yaml
 
-from robustdet.data.coco import (
+from robustdet.data.headers import cache_file, read_header, read_headers
+from robustdet.data.schema import (
     ErrorList,
     annotation_record,
     categories_from_names,
@@ -17,7 +18,6 @@ from robustdet.data.coco import (
     check_image_root,
     validate_coco,
 )
-from robustdet.data.headers import cache_file, read_header, read_headers
 from robustdet.data.source import FileSource
 from robustdet.errors import DatasetError
 
@@ -131,7 +131,7 @@ class YoloSource(FileSource):
 
     format: Literal["yolo"] = "yolo"
 
-    def load(self, data: Any, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+    def load(self, split: str, cache_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
         return load_yolo(self.path or "", split, self.image_root, cache_dir)
 
 
