@@ -194,7 +194,7 @@ def plot_ap_vs_iteration(path: Path, evals: list[dict[str, Any]]) -> Path:
 def detection_report(run_dir: Path, out: Path, score_thresh: float = 0.25) -> tuple[list[Path], list[str]]:
     """The plots above for a run directory: the files written, and a note for each plot left out (no
     ``eval.jsonl``, no ``detections.json``, a ``data.val`` that cannot be read any more)."""
-    from robustdet.report import read_jsonl
+    from robustdet.files import read_jsonl
 
     files: list[Path] = []
     notes: list[str] = []
