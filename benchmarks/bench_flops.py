@@ -39,10 +39,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from robustdet.config import load_config
 from robustdet.data import build_dataset, build_train_loader
+from robustdet.engine.optim import build_optimizer
+from robustdet.engine.runtime import seed_everything
 from robustdet.engine.schedule import build_scheduler
-from robustdet.engine.trainer import build_optimizer, build_weighting, seed_everything
 from robustdet.losses import set_finite_checks
 from robustdet.models import build_model
+from robustdet.weighting import build_weighting
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "bench::"

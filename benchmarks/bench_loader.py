@@ -16,9 +16,10 @@ that drift on a shared machine hits both alike; the clock starts when the first 
 (worker start-up is not throughput). Reported: median images/s over ``--repeats``.
 
 ``--headers N`` instead measures the image-header check (robustdet.data.headers.read_headers) on N
-small JPEGs: uncached with 1 and with several threads, then a first run that writes the cache and a
-cached run. The files are in the OS page cache in every case (dropping it needs root), so "uncached"
-means "not in robustdet's cache", not a cold disk.
+small JPEGs: not in robustdet's cache ("uncached") with each of ``--threads``, then a first run that
+writes the cache and a cached run. The uncached runs go round-robin over the thread counts (and, with
+``--cold``, over the files in the OS page cache or dropped from it first: ``posix_fadvise(DONTNEED)`` on
+each file, which needs no root, so each open and read goes to the disk), medians of ``--repeats``.
 
 Run: ``PYTHONPATH=src .venv/bin/python benchmarks/bench_loader.py [--workers 0 1 2] [--repeats 3]``
 and ``... benchmarks/bench_loader.py --headers 3000``. Prints Markdown tables.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -149,21 +151,39 @@ def bench_loader(args: argparse.Namespace) -> None:
         print(f"| {workers} | {a:.0f} | {b:.0f} | {a / b:.2f} |", flush=True)
 
 
+def drop_from_page_cache(paths: list[str]) -> None:
+    """Evict the files' (clean) pages from the OS page cache, so that the next read goes to the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def bench_headers(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ann_file = generate(Path(tmp) / "data", args.headers, width=64, height=48)
         paths = sorted(str(p) for p in (ann_file.parent / "images").iterdir())
+        os.sync()  # dirty pages cannot be dropped
         cache = Path(tmp) / "cache" / "headers.json"
         print(f"{len(paths)} JPEGs 64x48\n")
-        print("| run | threads | seconds |")
-        print("|---|---|---|")
-        for threads in args.threads:
-            times = []
-            for _ in range(args.repeats):
+        print("| run | threads | seconds | vs 1 thread |")
+        print("|---|---|---|---|")
+        cases = [(cold, t) for cold in ((False, True) if args.cold else (False,)) for t in args.threads]
+        times: dict[tuple[bool, int], list[float]] = {c: [] for c in cases}
+        for r in range(args.repeats):
+            for cold, threads in cases[r % len(cases) :] + cases[: r % len(cases)]:
+                if cold:
+                    drop_from_page_cache(paths)
                 start = time.perf_counter()
                 read_headers(paths, None, threads=threads)
-                times.append(time.perf_counter() - start)
-            print(f"| uncached | {threads} | {statistics.median(times):.3f} |", flush=True)
+                times[cold, threads].append(time.perf_counter() - start)
+        for cold, threads in cases:
+            median = statistics.median(times[cold, threads])
+            one = statistics.median(times[cold, 1]) if (cold, 1) in times else math.nan
+            where = "files dropped from the page cache" if cold else "files in the page cache"
+            print(f"| uncached, {where} | {threads} | {median:.3f} | {median / one:.2f} |", flush=True)
         start = time.perf_counter()
         first = read_headers(paths, cache, threads=max(args.threads))
         print(f"| first run, writes the cache | {max(args.threads)} | {time.perf_counter() - start:.3f} |")
@@ -186,6 +206,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--headers", type=int, default=0, help="measure the header check on this many JPEGs")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--cold", action="store_true", help="--headers: also with files dropped from the page cache")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.headers:

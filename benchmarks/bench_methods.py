@@ -34,7 +34,8 @@ import robustdet.models.dense as dense_module
 import robustdet.models.faster_rcnn as faster_rcnn_module
 from robustdet.config import Config, load_config
 from robustdet.data import collate
-from robustdet.engine.trainer import Trainer, _Batch
+from robustdet.engine.batch import Batch, to_device
+from robustdet.engine.trainer import Trainer
 from robustdet.losses import LossConfig, TaskLoss, task_loss
 from robustdet.losses.focal import bayesian_binary_cross_entropy, bayesian_cross_entropy, bayesian_focal_loss
 from robustdet.losses.smooth_l1 import bayesian_smooth_l1_loss
@@ -99,11 +100,7 @@ class MethodStep:
     def __init__(self, cfg: Config, out_dir: Path, batch_size: int, no_plain: bool = False) -> None:
         self.trainer = tr = Trainer(cfg, out_dir)
         tr._setup()  # same seed for every method: identical initial weights
-        tr.model.train()
-        # as Trainer._loop does before its first iteration
-        tr._params = [p for g in tr.optimizer.param_groups for p in g["params"]]
-        tr._weighting_params = [p for p in tr.weighting.parameters() if p.requires_grad]
-        tr._bad_in_row = 0
+        tr.model.train()  # as Trainer._loop does before its first iteration
         # a fixed batch of the train split (augmentation seeded as the loader does, per index)
         images, targets = collate([tr.train_set[(i, cfg.seed + i)] for i in range(batch_size)])
         self.images, self.targets = images, targets
@@ -113,7 +110,7 @@ class MethodStep:
     def step(self) -> None:
         tr = self.trainer
         with plain_measure_off() if self.no_plain else contextlib.nullcontext():
-            batch: _Batch = tr._to_device(self.images, self.targets)
+            batch: Batch = to_device(self.images, self.targets, tr.device)
             step = tr._forward(self.it, batch)
             if tr._agree(step):
                 raise RuntimeError("non-finite loss in the benchmark")
@@ -188,7 +185,7 @@ def plain_cost_loss_only(detector: str, args: argparse.Namespace, tmp: Path) -> 
     ms = MethodStep(cfg, tmp / "plain", args.batch_size)
     model = ms.trainer.model
     assert isinstance(model, dense_module.DenseDetector)
-    batch = ms.trainer._to_device(ms.images, ms.targets)
+    batch = to_device(ms.images, ms.targets, ms.trainer.device)
     with torch.no_grad():
         image_list, targets = model.transform(batch.images, batch.targets)
         features = list(model.backbone(image_list.tensors).values())

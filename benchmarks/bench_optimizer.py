@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/bench_optimizer.py --threads 1
 
-The trainer uses the fused ones (engine/trainer.py::build_optimizer). Medians over ``--repeats`` steps
+The trainer uses the fused ones (engine/optim.py::build_optimizer). Medians over ``--repeats`` steps
 after 3 warm-up steps, random gradients. The results live in docs/benchmarks.md.
 """
 

@@ -42,10 +42,10 @@ from torch import nn
 from bench_losses import bench_losses, print_losses
 from bench_train_step import Case, alternate, make_batch, torchvision_twin
 from robustdet.config import Config, config_from_dict
-from robustdet.engine.trainer import build_weighting
 from robustdet.errors import ConfigError
 from robustdet.losses import set_finite_checks
 from robustdet.models import PerLevelRetinaNet, build_model
+from robustdet.weighting import build_weighting
 
 REPO = Path(__file__).resolve().parents[1]
 R50_CONFIG = REPO / "configs" / "retinanet" / "_retinanet_r50_fpn_coco_1x.yaml"

@@ -4,12 +4,13 @@ Run as ``torchrun ... -m tests.multinode_rank train CONFIG ...``: it calls the r
 trainer returns it writes ``weights.rank<R>.sha256`` into the run directory, the SHA-256 of this rank's
 model state (every parameter and buffer, the log-variances included) and weighting state. Rank 0's
 checkpoint holds only rank 0's copy, so this is how the test sees that every rank ended with the same
-weights, without a hook in the trainer.
+weights, without a hook in the trainer. ``ROBUSTDET_TEST_DIE_AT_ITER`` crashes a rank (tests/rank_crash.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 
 from robustdet.cli import main
 from robustdet.engine import trainer as trainer_mod
+from tests.rank_crash import DIE_ENV, install_crash
 
 
 def state_digest(state: Any) -> str:
@@ -45,8 +47,8 @@ def state_digest(state: Any) -> str:
 
 def _train_and_record(self: trainer_mod.Trainer) -> Any:
     metrics = _original_train(self)
-    model = trainer_mod._unwrap(self.model)
-    digest = state_digest({"model": model.state_dict(), "weighting": self.weighting.state_dict()})
+    state = self.state
+    digest = state_digest({"model": state.model.state_dict(), "weighting": state.weighting.state_dict()})
     (self.out_dir / f"weights.rank{self.rank}.sha256").write_text(digest + "\n")
     return metrics
 
@@ -55,4 +57,5 @@ _original_train = trainer_mod.Trainer.train
 
 if __name__ == "__main__":
     trainer_mod.Trainer.train = _train_and_record  # type: ignore[method-assign]
+    install_crash(os.environ.get(DIE_ENV))
     sys.exit(main(sys.argv[1:]))

@@ -12,7 +12,7 @@ from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _r
 from torchvision.ops import FrozenBatchNorm2d
 
 from robustdet.models import RetinaNetConfig as ModelConfig
-from robustdet.models.backbones import BACKBONES, PYRAMIDS, build_backbone, freeze_layers
+from robustdet.models.backbones import BACKBONES, PYRAMIDS, TinyBody, build_backbone, freeze_layers
 
 
 def _cfg(**kw: object) -> ModelConfig:
@@ -21,7 +21,7 @@ def _cfg(**kw: object) -> ModelConfig:
     return ModelConfig(**base)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large", "tiny"])
 @pytest.mark.parametrize("pyramid", sorted(PYRAMIDS))
 def test_forward_levels_strides_channels(name: str, pyramid: str) -> None:
     torch.manual_seed(0)
@@ -45,7 +45,30 @@ def test_larger_resnets_build(name: str) -> None:
 
 
 def test_every_backbone_is_in_the_table() -> None:
-    assert set(BACKBONES) == {"resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"}
+    assert set(BACKBONES) == {"resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "tiny"}
+
+
+def test_tiny_body_is_test_sized_and_wired_like_a_resnet() -> None:
+    backbone = build_backbone(_cfg(backbone="tiny"), "p3p7")
+    assert 1_000 < sum(p.numel() for p in backbone.body.parameters()) < 10_000
+    # C3-C5 are layer2-layer4's outputs (TinyBody.widths), P6 from C5 as for a ResNet
+    assert [b[0].in_channels for b in backbone.fpn.inner_blocks] == [16, 16, 16]
+    assert backbone.fpn.extra_blocks.use_P5 is False
+    p2 = build_backbone(_cfg(backbone="tiny"), "p2p6")
+    assert [b[0].in_channels for b in p2.fpn.inner_blocks] == [8, 16, 16, 16]
+
+
+@pytest.mark.parametrize(("layers", "frozen"), [(0, 5), (2, 3), (5, 0)])
+def test_tiny_freezing_rule_counts_stages_from_the_top(layers: int, frozen: int) -> None:
+    body = TinyBody()
+    freeze_layers(body, "tiny", layers)
+    trained = [name for name, stage in body.named_children() if all(p.requires_grad for p in stage.parameters())]
+    assert trained == ["stem", "layer1", "layer2", "layer3", "layer4"][frozen:]
+
+
+def test_tiny_has_no_torchvision_weights() -> None:
+    with pytest.raises(ValueError, match="tiny has no torchvision weights"):
+        build_backbone(_cfg(backbone="tiny", backbone_weights="ResNet18_Weights.IMAGENET1K_V1"), "p3p7")
 
 
 def test_p6_from_c5_even_when_channels_agree() -> None:

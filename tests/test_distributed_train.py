@@ -18,7 +18,10 @@ def _free_port() -> int:
 def test_torchrun_two_ranks_log_identical_weights(tmp_path):
     out = tmp_path / "ddp"
     overrides = tiny_overrides(
-        tmp_path, {"train.max_iter": 6, "weighting.name": "rlo", "weighting.interval": 2, "train.batch_size": 1}
+        tmp_path,
+        # ResNet-18: several DDP gradient buckets (the tiny body's gradients fit one)
+        {"model.backbone": "resnet18", "train.max_iter": 6, "weighting.name": "rlo", "weighting.interval": 2,
+         "train.batch_size": 1},
     )
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -113,8 +113,9 @@ def test_generated_set_small():
 
 
 @pytest.mark.slow
-def test_generated_set_2000_images():
-    _generated(2000)
+def test_generated_set_500_images():
+    # 500, not 2,000: pycocotools took 194 s of the suite's 14 min for 2,000 (both backends agree at 150 too)
+    _generated(500)
 
 
 def test_no_detections_at_all():

@@ -14,7 +14,7 @@ from torchvision.transforms.v2.functional import resize
 from robustdet.cli import main
 from robustdet.config import load_config
 from robustdet.engine.inference import load_trained, read_image
-from robustdet.engine.trainer import CHECKPOINT_FORMAT
+from robustdet.engine.state import CHECKPOINT_FORMAT
 from robustdet.models import build_model
 from tests.conftest import COCO128, REPO, tiny_overrides
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import robustdet.engine.trainer as trainer_mod
 from robustdet.engine.checkpoint import load_checkpoint
 from tests.conftest import REPO, tiny_overrides
 from tests.multinode_rank import state_digest
+from tests.rank_crash import DIE_ENV
 from tests.test_robustness import CONFIG, RESUME, _records, assert_same_run
 
 MAX_ITER = 4  # checkpoints at 2 and 4 (checkpoint.period=2 in RESUME)
@@ -101,7 +101,7 @@ def test_a_lost_node_then_resume_with_the_same_launch_is_bitwise_exact(reference
     data, ref = reference
     run = data / "interrupted"
     # rank 1 dies at iteration 3, after the checkpoint at 2: its node is lost
-    results = _two_nodes(data, run, env={trainer_mod.TEST_DIE_ENV: f"1:{MAX_ITER // 2 + 1}"})
+    results = _two_nodes(data, run, env={DIE_ENV: f"1:{MAX_ITER // 2 + 1}"})
     assert all(code != 0 for code, _ in results), [err[-2000:] for _, err in results]
     errors = "".join(err for _, err in results)
     assert f"rank 1 exits at iteration {MAX_ITER // 2 + 1}" in errors

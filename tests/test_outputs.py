@@ -140,6 +140,44 @@ def test_eval_table_saved_detections_and_another_dataset(run, tmp_path, capsys):
     assert "missing.json" in capsys.readouterr().err
 
 
+def test_save_json_is_one_flag_for_eval_and_predict(run, tmp_path, capsys, monkeypatch):
+    """``--save-json`` writes detections.json into ``--out DIR`` for eval as for predict; eval's old
+    ``--save-json FILE`` still works, with a one-line deprecation notice; an override right after the flag
+    stays an override."""
+    out, cache = run
+    ckpt = str(out / "checkpoints" / "last.pt")
+    monkeypatch.chdir(tmp_path)  # where a mistaken relative FILE would land
+    capsys.readouterr()
+    assert main(["eval", ckpt, "--save-json", "--out", str(tmp_path / "e")]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    new = json.loads((tmp_path / "e" / "detections.json").read_text())
+    assert new and json.loads((tmp_path / "e" / "metrics.json").read_text())["iter"] == 2
+    # the old form: the same results where it says, and one notice
+    old = tmp_path / "old" / "det.json"
+    assert main(["eval", ckpt, "--save-json", str(old)]) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    assert notices == [f"robustdet eval: warning: --save-json {old} is deprecated; use --save-json with --out DIR, "
+                       "which writes DIR/detections.json"]
+    assert json.loads(old.read_text()) == new
+    # --out FILE.json stays the metrics file; the flag puts detections.json beside it
+    assert main(["eval", ckpt, "--out", str(tmp_path / "m.json"), "--save-json"]) == 0
+    assert json.loads((tmp_path / "detections.json").read_text()) == new
+    assert json.loads((tmp_path / "m.json").read_text())["iter"] == 2
+    # an override after the flag is an override (one image evaluated), not a file name
+    assert main(["eval", ckpt, "--save-json", "eval.max_images=1", "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "detections.json").read_text())
+    assert len({r["image_id"] for r in one}) == 1 < len({r["image_id"] for r in new})
+    assert not (tmp_path / "eval.max_images=1").exists()
+    capsys.readouterr()
+    assert main(["eval", ckpt, "--save-json"]) == 2
+    assert "eval --save-json: needs --out DIR" in capsys.readouterr().err
+    # predict: the same flag, the same place
+    image = sorted((cache / "images" / "val").glob("*.png"))[0]
+    argv = ["predict", ckpt, str(image), "--out", str(tmp_path / "p"), "--score-thresh", "0", "--save-json"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "p" / "detections.json").read_text())
+
+
 def test_report_writes_pr_curves_confusion_matrix_and_ap_plot(run):
     out, cache = run
     assert main(["report", str(out)]) == 0

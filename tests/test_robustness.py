@@ -26,11 +26,16 @@ import robustdet.engine.trainer as trainer_mod
 from robustdet.cli import main
 from robustdet.engine.checkpoint import TEST_DELAY_ENV, load_checkpoint
 from tests.conftest import REPO, same_state, tiny_overrides
+from tests.rank_crash import DIE_ENV
 from tests.test_bad_input import coco_overrides, make_coco, truncate, write_image
 
 CONFIG = str(REPO / "configs" / "default.yaml")
-# RLO with a short window, Bayesian losses (log-variances), a checkpoint every 2 iterations
+# RLO with a short window, Bayesian losses (log-variances), a checkpoint every 2 iterations. ResNet-18, not
+# tiny_overrides' tiny body: the kills land at random moments inside a run, which needs iterations that take
+# a while (a tiny run is over before the kill), and the DDP runs here and in test_multinode.py need DDP's
+# several gradient buckets (ResNet-18's 45 MB of gradients against the 25 MB bucket; the tiny body fits one).
 RESUME: dict[str, object] = {
+    "model.backbone": "resnet18",
     "train.max_iter": 10,
     "checkpoint.period": 2,
     "weighting.name": "rlo",
@@ -429,14 +434,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(data: Path, out: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _torchrun(
+    data: Path, out: Path, *flags: str, env: dict[str, str] | None = None, module: str = "robustdet.cli"
+) -> subprocess.CompletedProcess:
+    """``robustdet train`` on two ranks; ``module`` is what torchrun runs (tests/rank_crash.py crashes a rank)."""
     overrides = tiny_overrides(
         data,
         {**RESUME, "train.max_iter": 4, "train.batch_size": 1, "train.dist_timeout_s": 30},
     )
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "robustdet.cli", "train", CONFIG, *overrides, "--out", str(out),
+        "--master_port", str(_free_port()), "-m", module, "train", CONFIG, *overrides, "--out", str(out),
         *flags,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -446,7 +454,7 @@ def _torchrun(data: Path, out: Path, *flags: str, env: dict[str, str] | None = N
 def test_a_dying_rank_stops_the_others_and_the_run_resumes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     started = time.monotonic()
-    proc = _torchrun(tmp_path, out, env={trainer_mod.TEST_DIE_ENV: "1:3"})
+    proc = _torchrun(tmp_path, out, env={DIE_ENV: "1:3"}, module="tests.rank_crash")
     assert proc.returncode != 0
     assert time.monotonic() - started < 120
     assert "rank 1 exits at iteration 3" in proc.stderr

@@ -115,7 +115,7 @@ def test_train_in_epochs_with_scaled_lr_from_a_job_script(tmp_path: Path, capsys
     assert "lr 0.0005 for batch 8 -> 0.000125 for batch 2 x 1 ranks" in cap.out
     for fragment in (
         "device cpu x 1 process(es), 1 threads each",
-        "detector retinanet, backbone resnet18:",
+        "detector retinanet, backbone tiny:",
         "24 train images with",
         "6 val images, 5 classes",
         "schedule: 3 iterations (0.25 epochs), batch 2 x 1 = 2, lr 0.000125 (scaled x0.25)",

@@ -246,6 +246,7 @@ def test_a_cell_folder_with_another_config_is_refused(swept, capsys):
 
 
 def test_a_diverged_cell_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    from robustdet.config import config_to_yaml
     from robustdet.engine import trainer
 
     class FakeTrainer:  # the sweep's bookkeeping only: avw "diverges", the others "finish"
@@ -254,7 +255,7 @@ def test_a_diverged_cell_is_recorded_and_the_rest_still_run(tmp_path, monkeypatc
 
         def train(self):
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(trainer.config_to_yaml(self.cfg))
+            (self.out / "config.yaml").write_text(config_to_yaml(self.cfg))
             if self.cfg.weighting.name == "avw":
                 raise trainer.TrainingDiverged("non-finite loss at iteration 3")
             (self.out / "metrics.json").write_text(json.dumps({"bbox": dict.fromkeys(METRIC_NAMES, 1.0)}))
@@ -274,6 +275,7 @@ def test_a_diverged_cell_is_recorded_and_the_rest_still_run(tmp_path, monkeypatc
 
 
 def _fake_trainer(monkeypatch, trained: list[str]):
+    from robustdet.config import config_to_yaml
     from robustdet.engine import trainer
 
     class FakeTrainer:  # the sweep's bookkeeping only: every cell "finishes" at once
@@ -282,7 +284,7 @@ def _fake_trainer(monkeypatch, trained: list[str]):
 
         def train(self):
             trained.append(self.out.name)
-            (self.out / "config.yaml").write_text(trainer.config_to_yaml(self.cfg))
+            (self.out / "config.yaml").write_text(config_to_yaml(self.cfg))
             (self.out / "metrics.json").write_text(json.dumps({"bbox": dict.fromkeys(METRIC_NAMES, 1.0)}))
             return {}
 

@@ -13,7 +13,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from robustdet.config import load_config
 from robustdet.errors import ConfigError, SweepFailed
@@ -58,17 +60,47 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     metrics["iter"] = loaded.iteration
     print(format_metrics(metrics))
     print(per_class_table(metrics, dataset.coco, dataset.image_ids[: cfg.eval.max_images]))
-    if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"metrics written to {args.out}")
-    if args.save_json:
+    metrics_path, results_path = _eval_outputs(args)
+    if metrics_path is not None:
+        if metrics_path != Path(args.out):  # --out DIR
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"metrics written to {metrics_path}")
+    if results_path is not None:
         from robustdet.files import write_json_atomic
 
-        path = Path(args.save_json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, results, indent=None)
-        print(f"{len(results)} detections (COCO results) written to {path}")
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(results_path, results, indent=None)
+        print(f"{len(results)} detections (COCO results) written to {results_path}")
     return 0
+
+
+def _eval_outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """Where ``eval`` writes the metrics and the COCO results. ``--out DIR``: DIR/metrics.json, and with
+    ``--save-json`` DIR/detections.json, as ``predict --out DIR --save-json``; ``--out FILE.json``: the
+    metrics file itself, detections.json beside it. ``--save-json FILE`` (the old form) still names the
+    results file, with a one-line deprecation notice."""
+    out = Path(args.out) if args.out else None
+    metrics = None if out is None else out if out.suffix == ".json" else out / "metrics.json"
+    if isinstance(args.save_json, str):
+        print(f"robustdet eval: warning: --save-json {args.save_json} is deprecated; use --save-json with "
+              "--out DIR, which writes DIR/detections.json", file=sys.stderr)  # fmt: skip
+        return metrics, Path(args.save_json)
+    if not args.save_json:
+        return metrics, None
+    if metrics is None:
+        raise ConfigError("eval --save-json: needs --out DIR (detections.json and metrics.json go there)")
+    return metrics, metrics.parent / "detections.json"
+
+
+def _override_taken_as_file(args: argparse.Namespace) -> list[str]:
+    """``eval CKPT --save-json KEY=VALUE``: argparse hands the override to ``--save-json`` (its old FILE
+    form takes a value); give it back to the overrides, in its place."""
+    value = getattr(args, "save_json", None)
+    if args.command != "eval" or not isinstance(value, str) or "=" not in value:
+        return []
+    args.save_json = True
+    return [value]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -132,8 +164,8 @@ def _cmd_noise(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from robustdet.report import make_report, metrics_markdown
-    from robustdet.runs.reader import read_metrics
+    from robustdet.report import make_report, methods_summary, metrics_markdown
+    from robustdet.runs.reader import read_log, read_metrics
 
     files = make_report(args.run_dir)
     if (Path(args.run_dir) / "metrics.json").exists():
@@ -141,6 +173,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print("report files:")
     for f in files:
         print(f"  {f}")
+    print("\n".join(methods_summary(read_log(Path(args.run_dir)))))
     return 0
 
 
@@ -214,14 +247,7 @@ def _cmd_plot_losses(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="robustdet",
-        description="Train object detectors with Bayesian losses and AVW/RLO multi-scale loss weighting.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train a detector from a YAML config")
     p.add_argument("config", help="YAML config, e.g. configs/default.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_iter=200")
@@ -230,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start again in a run directory that has checkpoints")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_sweep(sub: Any) -> None:
     p = sub.add_parser("sweep", help="train the product of a grid and seeds, one run directory per cell")
     p.add_argument("config", help="a run config (with --grid) or a sweep file (config, overrides, seeds, grid)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every cell")
@@ -256,15 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=_cmd_sweep)
 
+
+def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="COCO-evaluate a checkpoint on its config's data.val (or another dataset)")
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.val.path=other.json eval.max_images=50")
     p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
                    help="a data-section override (repeatable): --data val.format=coco --data val.path=x.json")
-    p.add_argument("--out", help="write the metrics json here")
-    p.add_argument("--save-json", metavar="FILE", help="write the detections as COCO results (e.g. detections.json)")
+    p.add_argument("--out", metavar="DIR", help="write DIR/metrics.json (a path ending in .json: the metrics file)")
+    p.add_argument("--save-json", nargs="?", const=True, metavar="FILE",
+                   help="also write detections.json (COCO results) into --out DIR (the FILE form is deprecated)")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="draw a checkpoint's detections on images, folders or globs")
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or globs ('imgs/**/*.jpg')")
@@ -273,11 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="images per forward pass")
     p.add_argument("--classes", action="append", metavar="NAMES_OR_IDS",
                    help="keep only these classes: names or dataset category ids, comma-separated or repeated")
-    p.add_argument("--save-json", action="store_true", help="also write OUT/detections.json (COCO results)")
+    p.add_argument("--save-json", action="store_true", help="also write detections.json (COCO results) into --out DIR")
     p.add_argument("--image-ids", metavar="COCO_JSON",
                    help="take image_id from this COCO json's images (by file_name); default: a numeric file stem")
     p.set_defaults(func=_cmd_predict)
 
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="export a checkpoint's detector (pre- and post-processing included)")
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.score_thresh=0.3")
@@ -287,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: model.min_size square)")
     p.set_defaults(func=_cmd_export)
 
+
+def _add_convert(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert a YOLO or Pascal VOC dataset split to COCO json")
     p.add_argument("--format", required=True, choices=["yolo", "voc"])
     p.add_argument("--path", required=True, help="YOLO data.yaml, or the VOC20xx folder")
@@ -294,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the COCO json to write")
     p.set_defaults(func=_cmd_convert)
 
+
+def _add_noise(sub: Any) -> None:
     p = sub.add_parser("noise", help="write a copy of a COCO json with synthetic label noise (and a report)")
     p.add_argument("src", help="the COCO json to read (never modified)")
     p.add_argument("dst", help="the noisy COCO json to write; the report goes to DST-stem.label_noise.json")
@@ -305,10 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_noise)
 
+
+def _add_report(sub: Any) -> None:
     p = sub.add_parser("report", help="plots of losses, weights, RLO probabilities and σ; the metrics table")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_report)
 
+
+def _add_compare(sub: Any) -> None:
     p = sub.add_parser("compare", help="side-by-side metrics of runs; mean ± std over seeds, paired differences")
     p.add_argument("run_dirs", nargs="+", help="run directories, or a sweep directory (its finished cells)")
     p.add_argument("--baseline", help="a group label, a run, or labels such as method=baseline")
@@ -319,9 +362,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the COCO numbers to draw, a set of figures each (default AP)")
     p.set_defaults(func=_cmd_compare)
 
+
+def _add_plot_losses(sub: Any) -> None:
     p = sub.add_parser("plot-losses", help="the papers' Figures 1 and 2 (Bayesian smooth L1 and focal)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_plot_losses)
+
+
+# the subcommands, in the order ``robustdet --help`` lists them: each adds its parser (and its ``func``)
+COMMANDS: tuple[Callable[[Any], None], ...] = (
+    _add_train, _add_sweep, _add_eval, _add_predict, _add_export,
+    _add_convert, _add_noise, _add_report, _add_compare, _add_plot_losses,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="robustdet",
+        description="Train object detectors with Bayesian losses and AVW/RLO multi-scale loss weighting.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in COMMANDS:
+        add_command(sub)
     return parser
 
 
@@ -349,6 +412,8 @@ def _message(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *_override_taken_as_file(args)]
     if rest:
         # argparse leaves KEY=VALUE after options unmatched (`train CONFIG --out DIR KEY=VALUE`)
         options = [r for r in rest if r.startswith("-")]

@@ -176,6 +176,18 @@ class Config(Section):
                     data[key] = {"name": default, **data[key]}
         return data
 
+    @model_validator(mode="after")
+    def _check_noisy_label_losses(self) -> Config:
+        """The noise-robust classification switches act on a dense detector's sigmoid focal loss."""
+        switches = self.loss.noisy_label_switches()
+        if switches and not getattr(DETECTORS[self.model.name], "sigmoid_focal_classifier", False):
+            dense = ", ".join(n for n, d in DETECTORS.items() if getattr(d, "sigmoid_focal_classifier", False))
+            raise ValueError(
+                f"{switches[0]} with model.name={self.model.name}: it changes the sigmoid focal loss of the "
+                f"dense detectors ({dense}), which {self.model.name} does not have"
+            )
+        return self
+
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict, values parsed as YAML."""

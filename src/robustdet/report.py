@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 
 from robustdet.engine.evaluator import METRIC_NAMES
 from robustdet.plots.detection_plots import detection_report
-from robustdet.runs.reader import read_log, read_metrics
+from robustdet.runs.reader import RLO_ACTIONS, read_log, read_metrics
 
 
 def _series_plot(
@@ -146,4 +146,28 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["field_families", "make_report", "metrics_markdown"]
+def methods_summary(records: list[dict[str, Any]]) -> list[str]:
+    """Plain lines on what the methods did: final σ per task (Bayesian losses), RLO's actions, final w_i."""
+    last = records[-1]
+    lines = []
+    sigma = [k for k in last if k.startswith("loss/sigma/")]
+    if sigma:
+        first = records[0]
+        shown = ", ".join(
+            f"σ_{k.removeprefix('loss/sigma/')} {last[k]:.3f} (iteration {first['iter']}: {first.get(k, math.nan):.3f})"
+            for k in sigma
+        )
+        lines.append(f"Bayesian losses, σ = exp(s/2) at iteration {last['iter']}: {shown}")
+    if f"weighting/action_probability/{RLO_ACTIONS[0]}" in last:
+        actions = [r["weighting/action"] for r in records if r.get("weighting/action", -1) >= 0]
+        counts = ", ".join(f"{name} {actions.count(k)}" for k, name in enumerate(RLO_ACTIONS))
+        probs = ", ".join(f"{name} {last[f'weighting/action_probability/{name}']:.2f}" for name in RLO_ACTIONS)
+        lines.append(f"RLO: action in force at {len(actions)} of {len(records)} logged iterations: {counts}")
+        lines.append(f"RLO: final action probabilities {probs}")
+    if "level_weights" in last:
+        weights = ", ".join(f"{n} {w:.2f}" for n, w in zip(last["level_names"], last["level_weights"], strict=False))
+        lines.append(f"final level weights: {weights}")
+    return lines
+
+
+__all__ = ["field_families", "make_report", "methods_summary", "metrics_markdown"]

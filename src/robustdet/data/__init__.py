@@ -2,7 +2,15 @@
 
 from robustdet.data.coco import load_coco
 from robustdet.data.config import FORMATS, AugmentConfig, DataConfig, SyntheticConfig, parse_source
-from robustdet.data.dataset import DetectionDataset, build_dataset, convert_to_coco, read_image
+from robustdet.data.dataset import (
+    EVALUATION,
+    TRAINING,
+    DetectionDataset,
+    SplitUse,
+    build_dataset,
+    convert_to_coco,
+    read_image,
+)
 from robustdet.data.loader import (
     InfiniteBatchSampler,
     build_eval_loader,
@@ -18,13 +26,16 @@ from robustdet.data.yolo import load_yolo
 from robustdet.errors import DatasetError
 
 __all__ = [
+    "EVALUATION",
     "FORMATS",
+    "TRAINING",
     "VOC_CLASSES",
     "AugmentConfig",
     "DataConfig",
     "DatasetError",
     "DetectionDataset",
     "InfiniteBatchSampler",
+    "SplitUse",
     "SyntheticConfig",
     "build_dataset",
     "build_eval_loader",

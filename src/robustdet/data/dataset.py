@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +37,46 @@ OUT_OF_IMAGE_TOLERANCE = 0.5  # px
 # A training dataset with skip_corrupt replaces an image that fails to decode by the next one in index
 # order; this many failures in a row mean something is broken beyond single files.
 MAX_CORRUPT_IN_A_ROW = 16
+
+
+@dataclass(frozen=True)
+class SplitUse:
+    """What ``build_dataset`` does to a split: one explicit choice each (``TRAINING``, ``EVALUATION``).
+
+    ``audit`` builds its held-out folds as ``replace(TRAINING, augment=False, skip_corrupt=False)``: the
+    training split with its noisy labels, without augmentation, stopping at an unreadable image.
+    """
+
+    # the split a source without ``split`` reads ("train" or "val")
+    default_split: str
+    # apply the source's label_noise; False refuses a source that has one (such a split is for training)
+    label_noise: bool
+    # data.augment (flip, photometric, scale jitter); False: the images and boxes as annotated
+    augment: bool
+    # honour data.empty_images=skip (evaluation sees every image)
+    skip_empty: bool
+    # replace an image that fails to decode by the next one and report it (else: a DatasetError naming it)
+    skip_corrupt: bool
+
+
+TRAINING = SplitUse("train", label_noise=True, augment=True, skip_empty=True, skip_corrupt=True)
+EVALUATION = SplitUse("val", label_noise=False, augment=False, skip_empty=False, skip_corrupt=False)
+
+
+def split_use(train: bool | SplitUse) -> SplitUse:
+    """``build_dataset``'s ``train``: True and False are the two presets, a ``SplitUse`` is itself."""
+    if isinstance(train, SplitUse):
+        return train
+    return TRAINING if train else EVALUATION
+
+
+def _sanitized_with_ids(inputs: Any) -> Any:
+    """What ``SanitizeBoundingBoxes`` drops together with the boxes: the labels and the annotation ids,
+    so that a box removed by a crop takes its id with it (a module-level function: workers pickle it)."""
+    target = inputs[1] if isinstance(inputs, tuple | list) and len(inputs) > 1 else inputs
+    if "annotation_ids" in target:
+        return target["labels"], target["annotation_ids"]
+    return target["labels"]
 
 
 class ScaleJitter(v2.Transform):
@@ -86,8 +127,8 @@ def build_transform(augment: AugmentConfig) -> v2.Transform:
                 f"data.augment.scale_range must be (low, high) with 0 < low <= high, got {lo, hi}"
             )
         steps.append(ScaleJitter((lo, hi)))
-    # drops boxes that a crop cut away or squeezed below a pixel, with their labels
-    steps.append(v2.SanitizeBoundingBoxes(min_size=1.0))
+    # drops boxes that a crop cut away or squeezed below a pixel, with their labels and annotation ids
+    steps.append(v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_sanitized_with_ids))
     return v2.Compose(steps)
 
 
@@ -159,7 +200,8 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
     Crowd (and VOC difficult) boxes are kept in ``coco`` for evaluation but never in the targets.
     ``out_of_image`` is applied at construction, to the targets and to ``coco`` alike, so training and
     evaluation see the same boxes; with ``empty_images="skip"`` a training dataset leaves out images
-    without a non-crowd box (``coco`` still lists them).
+    without a non-crowd box (``coco`` still lists them). ``train`` turns both augmentation and that skip
+    on; ``augmented`` and ``skip_empty`` set either alone (None: as ``train``).
     """
 
     # what data.train.label_noise changed (set by build_dataset; the trainer writes it to label_noise.json)
@@ -177,9 +219,13 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
         source: str = "dataset",
         validate: bool = True,
         skip_corrupt: bool = False,
+        augmented: bool | None = None,
+        skip_empty: bool | None = None,
     ) -> None:
         self.image_root = Path(image_root)
         self.train = train
+        augmented = train if augmented is None else augmented
+        skip_empty = train if skip_empty is None else skip_empty
         self.source = source
         # replace an image that fails to decode by the next readable one, and say so in the target's
         # "skipped" list of (path, reason), instead of raising (training only: see __getitem__)
@@ -202,10 +248,10 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
         self.image_ids: list[int] = []
         self._files: list[str] = []
         self._sizes: list[tuple[int, int]] = []
-        offsets, boxes, labels = [0], [], []
+        offsets, boxes, labels, ann_ids = [0], [], [], []
         for img in data["images"]:
             anns = per_image[img["id"]]
-            if train and empty_images == "skip" and not anns:
+            if skip_empty and empty_images == "skip" and not anns:
                 continue
             self.image_ids.append(img["id"])
             self._files.append(f"{root}/{img['file_name']}")
@@ -214,12 +260,14 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
                 x, y, w, h = ann["bbox"]
                 boxes.append((x, y, x + w, y + h))
                 labels.append(label_of[ann["category_id"]])
+                ann_ids.append(ann["id"])
             offsets.append(len(boxes))
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         self._labels = np.asarray(labels, dtype=np.int64)
+        self._ann_ids = np.asarray(ann_ids, dtype=np.int64)
         self.coco = coco_api(data)
-        self.transform = build_transform(augment or AugmentConfig()) if train else None
+        self.transform = build_transform(augment or AugmentConfig()) if augmented else None
 
     def _apply_out_of_image(self, data: dict[str, Any], policy: str) -> dict[str, Any]:
         sizes = {img["id"]: (img["width"], img["height"]) for img in data["images"]}
@@ -261,7 +309,11 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
         return self._sizes[index]
 
     def target(self, index: int, canvas_size: tuple[int, int] | None = None) -> Target:
-        """The un-augmented target of ``index``, without reading the image."""
+        """The un-augmented target of ``index``, without reading the image.
+
+        ``annotation_ids[j]`` is the COCO annotation id of box ``j`` (augmentation drops it with its box);
+        the detectors read ``boxes`` and ``labels`` only.
+        """
         lo, hi = int(self._offsets[index]), int(self._offsets[index + 1])
         boxes = torch.from_numpy(self._boxes[lo:hi].copy())
         return {
@@ -269,6 +321,7 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
                 boxes, format="XYXY", canvas_size=canvas_size or self._sizes[index]
             ),
             "labels": torch.from_numpy(self._labels[lo:hi].copy()),
+            "annotation_ids": torch.from_numpy(self._ann_ids[lo:hi].copy()),
             "image_id": self.image_ids[index],
         }
 
@@ -329,22 +382,27 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
 def build_dataset(
     source: SourceSection | Sequence[SourceSection],
     data_cfg: DataConfig,
-    train: bool,
+    train: bool | SplitUse,
     cache_dir: str | Path | None = None,
 ) -> DetectionDataset:
-    """Load ``source`` with the loader of its format and wrap it; ``train`` turns augmentation on.
+    """Load ``source`` with the loader of its format and wrap it.
 
-    A list of sources is one split merged from them (data/merge.py). ``cache_dir`` holds the image-header
-    cache (None: ``$ROBUSTDET_CACHE/headers`` or ``~/.cache/robustdet/headers``; see data/headers.py).
+    ``train``: what is done to the split (``SplitUse``): True is ``TRAINING`` (label noise, augmentation,
+    data.empty_images, corrupt images skipped), False is ``EVALUATION`` (none of them). A list of sources
+    is one split merged from them (data/merge.py). ``cache_dir`` holds the image-header cache (None:
+    ``$ROBUSTDET_CACHE/headers`` or ``~/.cache/robustdet/headers``; see data/headers.py).
     """
+    use = split_use(train)
     sources = as_sources(source)
-    data, image_root, name = load_sources(sources, data_cfg, train, cache_dir)
+    data, image_root, name = load_sources(sources, data_cfg, use.default_split == "train", cache_dir)
     # the sources of a list agree on label_noise (DataConfig checks it): applied once, to the merged split
-    data, noise_report = apply_source_noise(data, sources[0].label_noise, name, train)
+    data, noise_report = apply_source_noise(data, sources[0].label_noise, name, use.label_noise)
     dataset = DetectionDataset(
         data,
         image_root,
-        train=train,
+        train=use.default_split == "train",
+        augmented=use.augment,
+        skip_empty=use.skip_empty,
         augment=data_cfg.augment,
         empty_images=data_cfg.empty_images,
         out_of_image=data_cfg.out_of_image,
@@ -352,7 +410,7 @@ def build_dataset(
         validate=False,  # the loader just did
         # training skips (and the trainer reports) images that fail to decode, up to
         # data.max_corrupt_images; evaluation needs every image and stops naming the file
-        skip_corrupt=train,
+        skip_corrupt=use.skip_corrupt,
     )
     dataset.label_noise = noise_report
     # yolo took its sizes from the headers; the synthetic images are generated here

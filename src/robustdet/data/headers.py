@@ -38,10 +38,11 @@ from robustdet.files import write_json_atomic
 
 # Bump when what an entry means changes, so that old caches are not mistaken for new ones.
 CACHE_VERSION = 1
-# Threads that read uncached headers. With the files in the page cache the work is Pillow's Python
-# parsing under the GIL, and 8 threads measured 20-40 % slower than 1 on 2 busy cores (docs/benchmarks.md);
-# they are for the case this machine could not measure: cold files on a network file system or disk,
-# where each open and read waits on I/O with the GIL released. The cache makes it a first-start cost.
+# Threads that read uncached headers, chosen from benchmarks/bench_loader.py --headers 3000 --cold
+# (docs/benchmarks.md): files dropped from the page cache, as a dataset's files usually are at its first
+# start (the only time headers are uncached), 8 threads took 0.63-0.92 of 1 thread's time even on this
+# machine's local disk, and the gain grows with each open's I/O wait (network file systems); files in the
+# page cache are Pillow's parsing under the GIL, where 8 threads took 1.8-2.8x (+0.15-0.24 s per 3,000).
 HEADER_THREADS = 8
 
 _EXIF_ORIENTATION = 0x0112

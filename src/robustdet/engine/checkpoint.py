@@ -3,7 +3,8 @@
 A checkpoint is written to a temporary file in the same folder, flushed to disk (fsync), and renamed
 over ``last.pt`` only when complete; the previous ``last.pt`` is first renamed to ``prev.pt``. A run
 killed at any instant therefore leaves a complete ``last.pt`` or a complete ``prev.pt``, and
-``find_resumable`` takes the newest one that loads.
+``find_resumable`` takes the newest one that loads. ``Checkpointer`` is a run's writer: rank 0 writes,
+every rank waits, and it knows the last iteration saved (what every "continue with --resume" names).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from robustdet import distributed as dist
 from robustdet.errors import CheckpointError
 from robustdet.files import fsync_dir
 
@@ -56,6 +58,28 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path) -> Path:
             tmp.unlink()
     fsync_dir(ckpt_dir)
     return last
+
+
+class Checkpointer:
+    """``ckpt_dir/last.pt`` (and ``prev.pt``) of one run, written every ``checkpoint.period`` iterations."""
+
+    def __init__(self, ckpt_dir: Path, period: int) -> None:
+        self.dir = ckpt_dir
+        self.period = period
+        self.last_saved: int | None = None  # the iteration of the newest checkpoint this run wrote or resumed
+
+    def save(self, state: dict[str, Any], iteration: int) -> None:
+        """Rank 0 writes ``state`` (which every rank took part in building); every rank waits for it."""
+        if dist.is_main():
+            save_checkpoint(state, self.dir)
+        dist.barrier()
+        self.last_saved = iteration
+
+    def resume_text(self) -> str:
+        """Where a stopped run continues from, for the line that reports the stop."""
+        if self.last_saved is None:
+            return f"no checkpoint was written yet (checkpoint.period={self.period})"
+        return f"the last checkpoint is {self.dir / LAST} (iteration {self.last_saved}); continue with --resume"
 
 
 def write_failure(path: Path, exc: BaseException) -> CheckpointError:

@@ -2,19 +2,28 @@
 
 On a terminal the progress is a tqdm bar. In a batch job (stderr not a terminal: SLURM, ``nohup``, a pipe)
 a bar's carriage returns fill the log file with one huge line, so there a plain line is printed every
-``log.period`` iterations instead (as detectron2 does): iteration/max, ETA, loss, lr.
+``log.period`` iterations instead (as detectron2 does): iteration/max, ETA, loss, lr. ``make_progress``
+makes that choice.
 """
 
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 from typing import Any, TextIO
 
 import torch
 from torch import nn
 
+from robustdet import distributed as dist
 from robustdet.config import Config
+
+
+def warn(msg: str) -> None:
+    """``robustdet: warning: ...`` on stderr, once (by rank 0)."""
+    if dist.is_main():
+        print(f"robustdet: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -26,7 +35,34 @@ def format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=max(0, round(seconds))))
 
 
-class PlainProgress:
+class Progress:
+    """No progress shown (``log.progress: false``, or a rank other than 0); the interface of the others."""
+
+    def step(self, done: int, logged: bool, loss: torch.Tensor, lr: float) -> None:
+        """Iteration ``done`` finished; ``logged``: it is a ``log.period`` iteration."""
+
+    def close(self) -> None:
+        pass
+
+
+class BarProgress(Progress):
+    """A tqdm bar on stderr, its loss and lr refreshed at the logged iterations."""
+
+    def __init__(self, max_iter: int, start_iter: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=max_iter, initial=start_iter, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, done: int, logged: bool, loss: torch.Tensor, lr: float) -> None:
+        self.bar.update(1)
+        if logged:  # loss.item() would be a host sync every step
+            self.bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class PlainProgress(Progress):
     """Plain progress lines, one per call of ``line``; the ETA from the iterations of this process."""
 
     def __init__(self, max_iter: int, start_iter: int, stream: TextIO) -> None:
@@ -43,6 +79,20 @@ class PlainProgress:
         text = f"iter {done}/{self.max_iter}  eta {eta_text}  loss {loss:.4f}  lr {lr:.3e}"
         print(text, file=self.stream, flush=True)
         return text
+
+    def step(self, done: int, logged: bool, loss: torch.Tensor, lr: float) -> None:
+        if logged:
+            self.line(done, float(loss.detach()), lr)
+
+
+def make_progress(show: bool, max_iter: int, start_iter: int, console: TextIO) -> Progress:
+    """A bar when stderr is a terminal, plain lines on ``console`` in a batch job (no carriage returns in
+    its log file), nothing when ``show`` is false."""
+    if not show:
+        return Progress()
+    if is_terminal(sys.stderr):
+        return BarProgress(max_iter, start_iter)
+    return PlainProgress(max_iter, start_iter, console)
 
 
 def start_summary(

@@ -53,8 +53,10 @@ def to_coco_results(
 ) -> list[dict[str, Any]]:
     """Detections (XYXY boxes, contiguous labels) as COCO result records (XYWH, original category ids).
 
-    Box values are rounded to 3 decimals. All images go through torch/numpy at once: per-value Python work
-    was a large part of the evaluation time (docs/benchmarks.md).
+    Box values are rounded to 3 decimals. A model with ``model.box_uncertainty`` gives each detection
+    ``bbox_std``, σ of (x1, y1, x2, y2) in pixels, written as ``"bbox_std"`` (3 decimals; COCOeval ignores
+    the key). All images go through torch/numpy at once: per-value Python work was a large part of the
+    evaluation time (docs/benchmarks.md).
     """
     if len(detections) != len(image_ids):
         raise ValueError(f"{len(detections)} detections for {len(image_ids)} image ids")
@@ -71,10 +73,15 @@ def to_coco_results(
         labels = torch.cat([det["labels"].detach().cpu() for det in detections])
         cats = torch.as_tensor(category_ids)[labels].tolist()
         images = np.repeat(np.asarray(image_ids, dtype=np.int64), counts).tolist()
-        return [
+        records = [
             {"image_id": i, "category_id": c, "bbox": b, "score": s}
             for i, c, b, s in zip(images, cats, bbox, scores, strict=True)
         ]
+        if all("bbox_std" in det for det in detections):
+            std = torch.cat([det["bbox_std"].detach().float().cpu().reshape(-1, 4) for det in detections])
+            for record, sigma in zip(records, np.round(std.double().numpy(), 3).tolist(), strict=True):
+                record["bbox_std"] = sigma
+        return records
 
 
 def run_cocoeval(coco_gt: Any, results: list[dict[str, Any]], image_ids: list[int], backend: EvalBackend) -> Any:

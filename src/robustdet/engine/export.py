@@ -2,7 +2,8 @@
 
 The exported program takes one image ``[3, H, W]``, float32 RGB in [0, 1] (what ``model(images)`` takes
 in eval mode), and returns ``boxes`` [N, 4] float32 (XYXY, pixels of that image), ``scores`` [N] float32
-and ``labels`` [N] int64 (0..C-1, the checkpoint's classes), as robustdet's eval mode does. The model's
+and ``labels`` [N] int64 (0..C-1, the checkpoint's classes), as robustdet's eval mode does; a model with
+``model.box_uncertainty`` also ``bbox_std`` [N, 4] float32 (σ of x1, y1, x2, y2 in pixels of the image). The model's
 own pre-processing (normalisation by ``model.image_mean``/``image_std``, resizing to
 ``model.min_size``/``max_size``) and post-processing (score threshold, NMS, ``detections_per_img``,
 rescaling to the input's pixels) are part of the graph.
@@ -35,6 +36,7 @@ FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
 INPUT_NAMES = ["image"]
 OUTPUT_NAMES = ["boxes", "scores", "labels"]
+STD_OUTPUT = "bbox_std"  # the fourth output of a model with model.box_uncertainty
 # a seeded example image for the trace: its values only pick the branches torchvision takes under tracing
 _EXAMPLE_SEED = 0
 
@@ -47,25 +49,43 @@ def _torchvision_detector(model: nn.Module) -> type[nn.Module]:
 
 
 class ExportableDetector(nn.Module):
-    """One image [3, H, W] (float32, 0-1) -> (boxes [N, 4], scores [N], labels [N] in 0..C-1).
+    """One image [3, H, W] (float32, 0-1) -> (boxes [N, 4], scores [N], labels [N] in 0..C-1), and with
+    ``with_std`` (``model.box_uncertainty``) a fourth output ``bbox_std`` [N, 4] (σ of x1, y1, x2, y2 in
+    the input's pixels).
 
     Runs the torchvision eval forward of ``model``'s detector class (see the module docstring for why
-    not ``model(images)``, which it equals: tests/test_export.py).
+    not ``model(images)``, which it equals: tests/test_export.py). A two-stage model with ``with_std`` runs
+    torchvision's transform, backbone and RPN and robustdet's box-head detection (``_detect``) instead:
+    torchvision's ``RoIHeads.forward`` takes two predictor outputs, the uncertain box head gives three.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, with_std: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.with_std = with_std
         # eval for good: torch.onnx.export restores the wrapper's mode, recursively, when it is done
         self.eval()
         self._forward = _torchvision_detector(model).forward
+        self.two_stage = isinstance(model, GeneralizedRCNN)
         # two-stage torchvision detectors count background as class 0 (robustdet's Faster R-CNN shifts
         # its labels back in its own forward, which the trace does not run)
-        self.label_offset = 1 if isinstance(model, GeneralizedRCNN) else 0
+        self.label_offset = 1 if self.two_stage and not with_std else 0
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        det = self._forward(self.model, [image])[0]
-        return det["boxes"], det["scores"], det["labels"] - self.label_offset
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        det = self._two_stage(image) if self.two_stage and self.with_std else self._forward(self.model, [image])[0]
+        out = (det["boxes"], det["scores"], det["labels"] - self.label_offset)
+        return (*out, det["bbox_std"]) if self.with_std else out
+
+    def _two_stage(self, image: Tensor) -> dict[str, Tensor]:
+        """torchvision's ``GeneralizedRCNN.forward`` (eval) with robustdet's ``_detect`` for the box head;
+        the sizes kept as traced values, as torchvision keeps them."""
+        model = self.model
+        size = image.shape[-2:]
+        images, _ = model.transform([image])
+        features = model.backbone(images.tensors)
+        proposals, _ = model.rpn(images, features)
+        detections = model._detect(features, proposals, images.image_sizes)
+        return model.transform.postprocess(detections, images.image_sizes, [(size[0], size[1])])[0]
 
 
 @torch.no_grad()
@@ -115,7 +135,8 @@ def export_model(
     min_size = loaded.cfg.model.min_size
     h, w = size or (min_size, min_size)
     set_up(model, min_size)
-    wrapper = ExportableDetector(model)
+    with_std = loaded.cfg.model.box_uncertainty
+    wrapper = ExportableDetector(model, with_std)
     image = example_image((h, w))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +154,8 @@ def export_model(
             traced.save(str(out))
         else:
             n = {0: "num_detections"}
-            axes: dict[str, dict[int, str]] = {"boxes": n, "scores": n, "labels": n}
+            names = [*OUTPUT_NAMES, STD_OUTPUT] if with_std else OUTPUT_NAMES
+            axes: dict[str, dict[int, str]] = dict.fromkeys(names, n)
             if dynamic:
                 axes["image"] = {1: "height", 2: "width"}
             torch.onnx.export(
@@ -143,7 +165,7 @@ def export_model(
                 dynamo=False,
                 opset_version=ONNX_OPSET,
                 input_names=INPUT_NAMES,
-                output_names=OUTPUT_NAMES,
+                output_names=names,
                 dynamic_axes=axes,
             )
     return out
@@ -156,4 +178,4 @@ def _require_onnx() -> None:
         raise ExportError("--format onnx needs the onnx package: pip install 'robustdet[export]'") from None
 
 
-__all__ = ["FORMATS", "ONNX_OPSET", "ExportableDetector", "example_image", "export_model", "set_up"]
+__all__ = ["FORMATS", "ONNX_OPSET", "STD_OUTPUT", "ExportableDetector", "example_image", "export_model", "set_up"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
@@ -18,7 +19,7 @@ from robustdet.config import Config, config_from_stored
 from robustdet.data import read_image
 from robustdet.data.yolo import IMAGE_SUFFIXES
 from robustdet.engine.checkpoint import load_checkpoint
-from robustdet.engine.trainer import resolve_device
+from robustdet.engine.runtime import resolve_device
 from robustdet.errors import CheckpointError, ConfigError
 from robustdet.models import build_model
 
@@ -166,8 +167,9 @@ def predict(
     images' tree below ``root`` (default: their common parent), and ``predictions.json``.
 
     Returns the per-image records and the COCO result records (``image_id`` where known, ``file_name`` the
-    path below ``root``, the dataset's ``category_id``, XYWH ``bbox``, ``score``); ``classes`` keeps only
-    those labels (0..C-1).
+    path below ``root``, the dataset's ``category_id``, XYWH ``bbox``, ``score``; with
+    ``model.box_uncertainty`` also ``bbox_std``, σ of (x1, y1, x2, y2) in pixels, ``std_xyxy`` in the
+    records); ``classes`` keeps only those labels (0..C-1).
     """
     if root is None:
         root = Path(os.path.commonpath([p.parent for p in image_paths]))
@@ -186,31 +188,92 @@ def predict(
             if classes is not None:
                 keep &= torch.isin(det["labels"], torch.as_tensor(sorted(classes), device=det["labels"].device))
             boxes, scores, labels = (det[key][keep].cpu() for key in ("boxes", "scores", "labels"))
+            std = det["bbox_std"][keep].cpu() if "bbox_std" in det else None
             text = [f"{loaded.classes[int(lbl)]} {float(s):.2f}" for lbl, s in zip(labels, scores, strict=True)]
+            if std is not None:
+                text = [f"{t} ±{100 * r:.0f}%" for t, r in zip(text, relative_std(boxes, std).tolist(), strict=True)]
             colors = [palette[int(lbl) % len(palette)] for lbl in labels]
-            drawn = draw_bounding_boxes(img, boxes, labels=text, colors=colors, width=2) if len(boxes) else img
             out_png = out_dir / names_out[index]
             out_png.parent.mkdir(parents=True, exist_ok=True)
-            write_png(drawn, str(out_png))
-            rel = path.relative_to(root).as_posix()
-            records.append({
-                "image": str(path),
-                "output": str(out_png),
-                "detections": [
-                    {"box_xyxy": [round(v, 2) for v in b], "label": loaded.classes[int(lbl)], "score": float(s)}
-                    for b, lbl, s in zip(boxes.tolist(), labels.tolist(), scores.tolist(), strict=True)
-                ],
-            })
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1) if len(boxes) else boxes
-            head = {"image_id": ids[index]} if ids[index] is not None else {}
-            coco.extend(
-                {**head, "file_name": rel, "category_id": loaded.category_ids[int(lbl)],
-                 "bbox": [round(v, 3) for v in b], "score": round(float(s), 5)}
-                for b, lbl, s in zip(xywh.tolist(), labels.tolist(), scores.tolist(), strict=True)
+            write_png(draw_detections(img, boxes, text, colors, std), str(out_png))
+            record, results = image_results(
+                loaded, (boxes, scores, labels, std), path, out_png, path.relative_to(root).as_posix(), ids[index]
             )
+            records.append(record)
+            coco.extend(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "predictions.json").write_text(json.dumps(records, indent=2) + "\n")
     return records, coco
+
+
+def image_results(
+    loaded: LoadedModel,
+    detections: tuple[Tensor, Tensor, Tensor, Tensor | None],
+    path: Path,
+    out_png: Path,
+    rel: str,
+    image_id: int | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One image's ``predictions.json`` record and COCO result records from its kept (boxes, scores,
+    labels, σ or None)."""
+    boxes, scores, labels, std = detections
+    extra = std_fields(std, "std_xyxy", 2, len(boxes))
+    record = {
+        "image": str(path),
+        "output": str(out_png),
+        "detections": [
+            {"box_xyxy": [round(v, 2) for v in b], "label": loaded.classes[int(lbl)], "score": float(s), **e}
+            for b, lbl, s, e in zip(boxes.tolist(), labels.tolist(), scores.tolist(), extra, strict=True)
+        ],
+    }
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1) if len(boxes) else boxes
+    head = {"image_id": image_id} if image_id is not None else {}
+    coco_extra = std_fields(std, "bbox_std", 3, len(boxes))
+    results = [
+        {**head, "file_name": rel, "category_id": loaded.category_ids[int(lbl)],
+         "bbox": [round(v, 3) for v in b], "score": round(float(s), 5), **e}
+        for b, lbl, s, e in zip(xywh.tolist(), labels.tolist(), scores.tolist(), coco_extra, strict=True)
+    ]
+    return record, results
+
+
+def std_fields(std: Tensor | None, key: str, digits: int, count: int) -> list[dict[str, list[float]]]:
+    """Per detection ``{key: σ of (x1, y1, x2, y2) rounded}``, or ``count`` empty dicts without σ."""
+    if std is None:
+        return [{} for _ in range(count)]
+    return [{key: [round(v, digits) for v in row]} for row in std.tolist()]
+
+
+def relative_std(boxes: Tensor, std: Tensor) -> Tensor:
+    """Each box's σ relative to its size [N]: the mean of σ_x1, σ_x2 over the width and σ_y1, σ_y2 over
+    the height, the number ``predict`` writes beside the score (±12% is a box whose sides are unsure by
+    about an eighth of its size)."""
+    size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-6).repeat(1, 2)  # (w, h, w, h)
+    return (std / size).mean(dim=1)
+
+
+def draw_detections(
+    image: Tensor, boxes: Tensor, text: list[str], colors: list[tuple[int, ...]], std: Tensor | None
+) -> Tensor:
+    """The image [3, H, W] uint8 with each box drawn (2 px) and labelled; with ``std`` [N, 4] also a thin
+    box at ±σ outside and inside each side (outer x1 − σ_x1 ... x2 + σ_x2, inner x1 + σ_x1 ... x2 − σ_x2,
+    the inner one collapsing to the centre line where σ exceeds half the size), so that a sure box is
+    one line and an unsure one a wide band; the labels are then drawn on a filled background."""
+    if not len(boxes):
+        return image
+    if std is not None:
+        # the ±σ boxes first, so that the boxes and their labels stay on top
+        h, w = image.shape[-2:]
+        limit = torch.tensor([w - 1, h - 1, w - 1, h - 1], dtype=boxes.dtype)
+        outer = torch.cat([boxes[:, :2] - std[:, :2], boxes[:, 2:] + std[:, 2:]], dim=1).clamp(min=0)
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        inner = torch.cat(
+            [torch.minimum(boxes[:, :2] + std[:, :2], centre), torch.maximum(boxes[:, 2:] - std[:, 2:], centre)],
+            dim=1,
+        )
+        image = draw_bounding_boxes(image, torch.cat([torch.minimum(outer, limit), inner]), colors=colors * 2, width=1)
+    # σ's lines run through the labels: filled labels stay legible over them
+    return draw_bounding_boxes(image, boxes, labels=text, colors=colors, width=2, fill_labels=std is not None)
 
 
 def plt_colors() -> list[tuple[float, ...]]:

@@ -1,16 +1,74 @@
-"""What a run writes as it goes: ``log.jsonl``, ``events.jsonl``, ``eval.jsonl``, ``metrics.json``, TensorBoard.
+"""What a run writes: at its start ``config.yaml`` and ``label_noise.json``; as it goes ``log.jsonl``,
+``events.jsonl``, ``eval.jsonl``, ``metrics.json``, TensorBoard.
 
 On ``--resume`` the records past the checkpoint's iteration are dropped first, so a resumed run's logs
-read as if it had never stopped.
+read as if it had never stopped. ``step_record`` builds a ``log.jsonl`` record: the engine's own keys,
+then what the weighting and the detector report of themselves (``log_fields``).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
+
+from robustdet.config import Config, config_to_yaml
+from robustdet.data.noise import write_noise_report
 from robustdet.files import read_jsonl, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from robustdet.models import Detector, DetectorLosses
+    from robustdet.weighting import LevelWeighting
+
+
+def write_run_files(out_dir: Path, cfg: Config, label_noise: dict[str, Any] | None) -> None:
+    """The run's config as it resolved (``config.yaml``, what ``--resume`` and ``report`` read) and what
+    ``data.train.label_noise`` changed (``label_noise.json``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "config.yaml", config_to_yaml(cfg))
+    if label_noise is not None:
+        write_noise_report(label_noise, out_dir / "label_noise.json")
+
+
+def step_record(
+    done: int,
+    lr: float,
+    total: torch.Tensor,
+    out: DetectorLosses,
+    weights: list[float],
+    grad_norm: float,
+    secs: float,
+    detector: Detector,
+    weighting: LevelWeighting,
+    health: dict[str, Any],
+) -> dict[str, Any]:
+    """The record of iteration ``done``: lr, loss, the per-level losses, components and weights, then the
+    weighting's fields as ``weighting/…``, the detector's as ``loss/…``, and ``health`` (what went wrong so
+    far: log-variances out of range, skipped steps, corrupt images)."""
+    rec: dict[str, Any] = {
+        "iter": done,
+        "lr": lr,
+        "loss": float(total.detach()),
+        "level_names": list(detector.level_names),
+        "level_losses": out.level_losses.detach().float().cpu().tolist(),
+        "level_weights": weights,
+        "grad_norm": grad_norm,
+        "time": round(secs, 3),
+    }
+    if out.plain_level_losses is not None:
+        rec["level_plain_losses"] = out.plain_level_losses.float().cpu().tolist()
+    for name, comp in out.components.items():
+        rec[f"level_{name}"] = comp.detach().float().cpu().tolist()
+    for name, comp in out.extra_components.items():
+        rec[name] = comp.detach().float().cpu().tolist()
+    if out.extra_level_names:
+        rec["extra_level_names"] = list(out.extra_level_names)
+    rec.update({f"weighting/{k}": v for k, v in weighting.log_fields().items()})
+    rec.update({f"loss/{k}": v for k, v in detector.log_fields().items()})
+    rec.update(health)
+    return rec
 
 
 def _truncate_jsonl(path: Path, keep_through_iter: int) -> None:

@@ -5,6 +5,8 @@ as a float or a 0-dim tensor (gradients flow to it). See docs/losses.md for the 
 """
 
 from robustdet.losses._reduction import finite_checks_enabled, set_finite_checks
+from robustdet.losses.box import BOX_LOSSES, BoxLoss, box_loss_row
+from robustdet.losses.box_uncertainty import kl_box_loss, uncertain_box_loss
 from robustdet.losses.config import LossConfig
 from robustdet.losses.focal import (
     bayesian_binary_cross_entropy,
@@ -18,6 +20,8 @@ from robustdet.losses.smooth_l1 import bayesian_smooth_l1_loss, log_tau, smooth_
 from robustdet.losses.task import TaskLoss, task_loss
 
 __all__ = [
+    "BOX_LOSSES",
+    "BoxLoss",
     "LogVariances",
     "LossConfig",
     "TaskLoss",
@@ -26,10 +30,13 @@ __all__ = [
     "bayesian_focal_loss",
     "bayesian_focal_loss_and_plain",
     "bayesian_smooth_l1_loss",
+    "box_loss_row",
     "finite_checks_enabled",
+    "kl_box_loss",
     "log_tau",
     "set_finite_checks",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
     "task_loss",
+    "uncertain_box_loss",
 ]

@@ -8,8 +8,9 @@ the Bayesian form, or between the box losses, themselves:
 | "focal" | sigmoid focal loss (Eq. 7), elementwise      | Bayesian focal loss (Eq. 16), elementwise           |
 | "bce"   | BCE with logits, elementwise                 | e^(−s)·BCE + s/2 (Eq. 16, γ = 0, no α)              |
 | "ce"    | softmax CE per row                           | e^(−s)·CE + s/2 (Kendall; Eq. 5, section 2.1)       |
-| "box"   | ``loss.box_loss``: L1, smooth L1 (Eq. 6) on  | Bayesian smooth L1 (Eq. 14) on deltas, summed over  |
-|         | deltas, or GIoU on boxes; summed per row     | the last dimension                                 |
+| "box"   | ``loss.box_loss`` (``box.py::BOX_LOSSES``):  | Bayesian smooth L1 (Eq. 14) on deltas, summed over  |
+|         | L1 / smooth L1 (Eq. 6) on deltas, or GIoU on | the last dimension                                 |
+|         | decoded boxes; per box                       |                                                    |
 
 (Khanzhina et al.'s equation numbers.) A Bayesian call also returns the *plain* loss at σ = 1,
 detached: the measure that the multi-scale weightings take of each level (equations.md, "Bayesian losses
@@ -23,8 +24,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
 
+from robustdet.losses.box import GIOU_EPS, box_beta, box_loss_row, plain_box_loss
 from robustdet.losses.config import LossConfig
 from robustdet.losses.focal import (
     bayesian_cross_entropy,
@@ -34,7 +35,6 @@ from robustdet.losses.focal import (
 from robustdet.losses.smooth_l1 import bayesian_smooth_l1_loss, smooth_l1_loss
 
 TaskKind = Literal["focal", "bce", "ce", "box"]
-GIOU_EPS = 1e-7  # torchvision's _box_loss default, kept so that the GIoU loss matches it
 
 
 class TaskLoss(NamedTuple):
@@ -43,11 +43,6 @@ class TaskLoss(NamedTuple):
 
     value: Tensor
     plain: Tensor | None
-
-
-def box_beta(loss: LossConfig) -> float:
-    """The smooth-L1 threshold c of ``loss.box_loss``: 0 for L1 (Eq. 6 with c = 0), ``loss.beta`` otherwise."""
-    return 0.0 if loss.box_loss == "l1" else loss.beta
 
 
 def task_loss(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor | None, loss: LossConfig) -> TaskLoss:
@@ -73,14 +68,11 @@ def task_loss(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor | No
             plain = F.cross_entropy(pred, target, reduction="none")
         return TaskLoss(value, plain)
     if kind == "box":
-        if loss.box_loss == "giou":
-            value = generalized_box_iou_loss(
-                pred.reshape(-1, 4), target.reshape(-1, 4), reduction="none", eps=GIOU_EPS
-            ).view(pred.shape[:-1])
-            return TaskLoss(value, None)  # no Bayesian form: never called with a log-variance
-        beta = box_beta(loss)
         if log_var is None:
-            return TaskLoss(smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=-1), None)
+            return TaskLoss(plain_box_loss(pred, target, loss), None)
+        if box_loss_row(loss).decoded:  # the config refuses it; a direct call gets the reason
+            raise ValueError(f"loss.box_loss={loss.box_loss} has no Bayesian form (Eq. 14 is on deltas)")
+        beta = box_beta(loss)
         value = bayesian_smooth_l1_loss(pred, target, log_var, beta=beta, reduction="none").sum(dim=-1)
         with torch.no_grad():
             plain = smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=-1)

@@ -1,10 +1,15 @@
 """Backbones with a feature pyramid, assembled from torchvision's parts.
 
-Every backbone is a torchvision classification network (ResNet-18/34/50/101, MobileNetV3-Large) cut
-into stages by torchvision's ``BackboneWithFPN`` (an ``IntermediateLayerGetter`` plus a
+Every backbone but one is a torchvision classification network (ResNet-18/34/50/101, MobileNetV3-Large)
+cut into stages by torchvision's ``BackboneWithFPN`` (an ``IntermediateLayerGetter`` plus a
 ``FeaturePyramidNetwork``). torchvision's ``_resnet_fpn_extractor`` / ``_mobilenet_extractor`` fix the
 FPN at 256 channels, so this module builds ``BackboneWithFPN`` itself, with ``model.fpn_channels``
 channels and the same layer-freezing rule as those extractors (a test holds the two rules equal).
+
+``"tiny"`` is for tests and smoke runs only: five plain conv-BN-ReLU stages (``TinyBody``, about 6,000
+parameters) at ResNet's strides 2-32 with ResNet's stage names, wired into the same ``BackboneWithFPN``
+and pyramids, so that the whole detector trains, checkpoints and evaluates in a fraction of ResNet-18's
+time and disk (11.7 M parameters). It detects little; it has no pretrained weights.
 
 Pyramids (``PYRAMIDS``):
 
@@ -44,9 +49,36 @@ class BackboneSpec:
     """How to build one classification network and where its stages end."""
 
     constructor: Callable[..., nn.Module]
-    family: str  # "resnet" or "mobilenet": which freezing rule and stage layout applies
+    family: str  # "resnet", "mobilenet" or "tiny": which freezing rule and stage layout applies
     # prefixes of the classification head, absent from the FPN body (dropped from a classifier checkpoint)
     head_prefixes: tuple[str, ...]
+
+
+class TinyBody(nn.Module):
+    """A test-sized body: a stride-2 stem, then ``layer1``-``layer4`` at strides 4-32 (ResNet's names).
+
+    One 3x3 conv-norm-ReLU per stage, each halving the resolution; ``stage_channels`` gives C_k's width
+    per stride, as ``inplanes`` does for a ResNet.
+    """
+
+    widths = (8, 8, 16, 16, 16)  # stem, layer1-layer4
+
+    def __init__(self, weights: None = None, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        if weights is not None:
+            raise ValueError("model.backbone=tiny has no pretrained weights")
+        names = ("stem", "layer1", "layer2", "layer3", "layer4")
+        c_in = 3
+        for name, c_out in zip(names, self.widths, strict=True):
+            conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
+            self.add_module(name, nn.Sequential(conv, norm_layer(c_out), nn.ReLU(inplace=True)))
+            c_in = c_out
+        self.stage_channels = {2 ** (k + 1): c for k, c in enumerate(self.widths)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.children():
+            x = stage(x)
+        return x
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -55,6 +87,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec(resnet50, "resnet", ("fc.",)),
     "resnet101": BackboneSpec(resnet101, "resnet", ("fc.",)),
     "mobilenet_v3_large": BackboneSpec(mobilenet_v3_large, "mobilenet", ("classifier.",)),
+    "tiny": BackboneSpec(TinyBody, "tiny", ()),  # tests and smoke runs
 }
 
 
@@ -74,6 +107,7 @@ PYRAMIDS: dict[str, PyramidSpec] = {
 }
 
 RESNET_TRAINABLE = ("layer4", "layer3", "layer2", "layer1", "conv1")
+TINY_TRAINABLE = ("layer4", "layer3", "layer2", "layer1", "stem")
 
 
 def _resnet_stages(body: nn.Module, strides: tuple[int, ...]) -> tuple[dict[str, str], list[int]]:
@@ -83,6 +117,11 @@ def _resnet_stages(body: nn.Module, strides: tuple[int, ...]) -> tuple[dict[str,
     c5 = body.inplanes  # type: ignore[attr-defined]
     layers = [layer_of[s] for s in strides]
     return {f"layer{k}": str(i) for i, k in enumerate(layers)}, [c5 // 2 ** (4 - k) for k in layers]
+
+
+def _tiny_stages(body: TinyBody, strides: tuple[int, ...]) -> tuple[dict[str, str], list[int]]:
+    layer_of = {4: 1, 8: 2, 16: 3, 32: 4}
+    return {f"layer{layer_of[s]}": str(i) for i, s in enumerate(strides)}, [body.stage_channels[s] for s in strides]
 
 
 def _mobilenet_stage_ends(features: nn.Sequential) -> dict[int, int]:
@@ -111,15 +150,15 @@ def _mobilenet_stages(features: nn.Sequential, strides: tuple[int, ...]) -> tupl
 def freeze_layers(net: nn.Module, family: str, trainable_layers: int) -> None:
     """Freeze all but the last ``trainable_layers`` stages, the rule of torchvision's extractors.
 
-    ResNet: 0-5 of (layer4, layer3, layer2, layer1, conv1+bn1). MobileNet: 0-6 stages, counted from
-    the end, a stage starting at each downsampling block (and the stem at block 0).
+    ResNet: 0-5 of (layer4, layer3, layer2, layer1, conv1+bn1); tiny: the same with its stem. MobileNet:
+    0-6 stages, counted from the end, a stage starting at each downsampling block (and the stem at block 0).
     """
-    if family == "resnet":
+    if family in ("resnet", "tiny"):
         if not 0 <= trainable_layers <= 5:
-            raise ValueError(
-                f"model.trainable_backbone_layers must be in [0, 5] for a ResNet, got {trainable_layers}"
-            )
-        keep = list(RESNET_TRAINABLE[:trainable_layers]) + (["bn1"] if trainable_layers == 5 else [])
+            what = "a ResNet" if family == "resnet" else "the tiny body"
+            raise ValueError(f"model.trainable_backbone_layers must be in [0, 5] for {what}, got {trainable_layers}")
+        stages = RESNET_TRAINABLE if family == "resnet" else TINY_TRAINABLE
+        keep = list(stages[:trainable_layers]) + (["bn1"] if family == "resnet" and trainable_layers == 5 else [])
         for name, p in net.named_parameters():
             if not any(name.startswith(k) for k in keep):
                 p.requires_grad_(False)
@@ -137,11 +176,13 @@ def freeze_layers(net: nn.Module, family: str, trainable_layers: int) -> None:
 
 
 def _max_trainable(family: str) -> int:
-    return 5 if family == "resnet" else 6
+    return 6 if family == "mobilenet" else 5
 
 
 def resolve_weights(name: str, backbone: str) -> torchvision.models.WeightsEnum:
     """A torchvision weights enum from its name, checked against the backbone it is meant for."""
+    if BACKBONES[backbone].family == "tiny":
+        raise ValueError(f"model.backbone_weights={name!r}: model.backbone=tiny has no torchvision weights")
     try:
         weights = torchvision.models.get_weight(name)
     except (KeyError, ValueError) as exc:
@@ -236,9 +277,11 @@ def build_backbone(cfg: ModelSection, pyramid: str = "p3p7") -> BackboneWithFPN:
     trainable = cfg.trainable_backbone_layers if pretrained else _max_trainable(spec.family)
     freeze_layers(net, spec.family, trainable)
 
+    body_source: nn.Module = net
     if spec.family == "resnet":
         return_layers, in_channels = _resnet_stages(net, pyr.strides)
-        body_source: nn.Module = net
+    elif spec.family == "tiny":
+        return_layers, in_channels = _tiny_stages(net, pyr.strides)  # type: ignore[arg-type]
     else:
         return_layers, in_channels = _mobilenet_stages(net.features, pyr.strides)  # type: ignore[arg-type]
         body_source = net.features  # type: ignore[assignment]
@@ -258,6 +301,7 @@ __all__ = [
     "PYRAMIDS",
     "BackboneSpec",
     "PyramidSpec",
+    "TinyBody",
     "build_backbone",
     "freeze_layers",
     "level_names",

@@ -24,10 +24,12 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from robustdet import distributed as dist
-from robustdet.losses import LogVariances, LossConfig
+from robustdet.losses import LogVariances, LossConfig, box_loss_row
+from robustdet.models.voting import DEFAULT_SIGMA_T
 from robustdet.section import Section
 
-BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
+# "tiny": a test-sized body for tests and smoke runs (models/backbones.py, TinyBody)
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "tiny"]
 
 
 class ModelSection(Section):
@@ -58,6 +60,11 @@ class ModelSection(Section):
     score_thresh: float = Field(0.05, ge=0, le=1)
     nms_thresh: float = Field(0.5, gt=0, le=1)
     detections_per_img: int = Field(100, ge=1)
+    # α = log σ² per box regression output (KL-Loss); every detection then carries bbox_std (docs/models.md)
+    box_uncertainty: bool = False
+    # var voting (He et al. 2019, Alg. 1) of the boxes NMS keeps, weighted by the candidates' σ (models/voting.py)
+    var_voting: bool = False
+    var_voting_sigma_t: float = Field(DEFAULT_SIGMA_T, gt=0)
 
     def transform_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of torchvision's ``GeneralizedRCNNTransform`` every detector passes on."""
@@ -74,6 +81,11 @@ class ModelSection(Section):
             raise ValueError("model.max_size must be at least model.min_size")
         if self.head_norm == "group_norm" and self.fpn_channels % self.group_norm_groups:
             raise ValueError("model.fpn_channels must be divisible by model.group_norm_groups")
+        if self.var_voting and not self.box_uncertainty:
+            raise ValueError(
+                "model.var_voting=true needs model.box_uncertainty=true: voting weighs the candidates by "
+                "their predicted σ"
+            )
         return self
 
 
@@ -81,6 +93,21 @@ def check_per_level(key: str, values: list[float], num_levels: int, what: str) -
     """A list setting needs exactly one value per pyramid level."""
     if len(values) != num_levels:
         raise ValueError(f"model.{key} needs one {what} per level ({num_levels}), got {len(values)}: {values}")
+
+
+def box_uncertainty_conflict(loss: LossConfig) -> str | None:
+    """Why ``model.box_uncertainty`` cannot go with ``loss`` (one line naming both keys), or None."""
+    if box_loss_row(loss).decoded:
+        return (
+            f"model.box_uncertainty=true needs loss.box_loss l1 or smooth_l1: loss.box_loss={loss.box_loss} "
+            "compares decoded boxes, and the KL-Loss puts one α on each regressed delta"
+        )
+    if loss.bayesian:
+        return (
+            "model.box_uncertainty=true with loss.bayesian=true: the box loss would carry both a σ per box and "
+            "the task's σ (s_reg); set one of them to false (docs/losses.md)"
+        )
+    return None
 
 
 @dataclass
@@ -177,6 +204,52 @@ class Detector(abc.ABC):
     num_classes: int
     loss_cfg: LossConfig
     log_variances: LogVariances | None
+    box_uncertainty: bool = False
+
+    def setup_losses(
+        self,
+        loss: LossConfig,
+        num_classes: int,
+        level_names: list[str],
+        log_variances: LogVariances | None,
+        box_uncertainty: bool = False,
+    ) -> None:
+        """The loss state every detector's ``__init__`` sets (after ``nn.Module.__init__``), with its checks.
+
+        With ``box_uncertainty`` the module gets the buffer ``box_uncertainty_iter`` (int64 []), the number
+        of training forwards so far: the warm-up of the KL-Loss reads it (``box_uncertainty_weight``), and
+        being in the state dict it resumes exactly with no help from the trainer.
+        """
+        if loss.bayesian and log_variances is None:
+            raise ValueError(f"loss.bayesian=true needs log_variances ({', '.join(self.loss_tasks)})")
+        if box_uncertainty and (reason := box_uncertainty_conflict(loss)) is not None:
+            raise ValueError(reason)
+        self.loss_cfg = loss
+        self.num_classes = num_classes
+        self.level_names = list(level_names)
+        self.log_variances = log_variances if loss.bayesian else None
+        self.box_uncertainty = box_uncertainty
+        if box_uncertainty:
+            as_module(self).register_buffer("box_uncertainty_iter", torch.zeros((), dtype=torch.int64))
+
+    def box_uncertainty_weight(self) -> float | Tensor:
+        """w = min(1, iteration / ``loss.box_uncertainty_warmup``) of the KL-Loss blend; 1 without warm-up.
+
+        A 0-dim tensor computed on the device from the buffer, so reading it costs no host sync.
+        """
+        warmup = self.loss_cfg.box_uncertainty_warmup
+        if warmup == 0:
+            return 1.0
+        step: Tensor = as_module(self).get_buffer("box_uncertainty_iter")
+        return (step.to(torch.float32) / float(warmup)).clamp(max=1.0)
+
+    def count_training_forward(self) -> None:
+        """One more training forward for the warm-up (a no-op without ``box_uncertainty``)."""
+        if self.box_uncertainty:
+            with torch.no_grad():
+                as_module(self).get_buffer("box_uncertainty_iter").add_(1)
+    # σ_t of var voting in post-processing (``model.var_voting``), None: off; set by ``build_detector``
+    var_voting_sigma_t: float | None = None
 
     @classmethod
     @abc.abstractmethod
@@ -292,6 +365,7 @@ __all__ = [
     "DetectorLosses",
     "ModelSection",
     "as_module",
+    "box_uncertainty_conflict",
     "check_per_level",
     "foreground_normaliser",
     "level_sums",

@@ -34,6 +34,7 @@ def build_detector(section: Any, loss: LossConfig, num_classes: int) -> Detector
         )
     detector = cls.from_config(section, loss, num_classes)
     as_module(detector)
+    detector.var_voting_sigma_t = section.var_voting_sigma_t if section.var_voting else None
     return detector
 
 

@@ -40,16 +40,20 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
-from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torch.nn import functional as F
+from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
 from torchvision.ops.poolers import initLevelMapper
 
-from robustdet.losses import LogVariances, LossConfig, task_loss
+from robustdet.losses import LogVariances, LossConfig, TaskLoss, box_loss_row, task_loss, uncertain_box_loss
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, check_per_level, loss_dtype
+from robustdet.models.box_std import DetectionTransform, delta_std, std_of_candidates
+from robustdet.models.heads import box_predictor
+from robustdet.models.voting import kept_detections
 
 # torchvision's FasterRCNN: 7x7 RoIAlign with 2 samples per bin from P2-P5, a 1024-wide box head
 ROI_FEATURE_MAPS = ["0", "1", "2", "3"]
@@ -118,27 +122,25 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         *,
         loss: LossConfig,
         log_variances: LogVariances | None = None,
+        box_uncertainty: bool = False,
         **faster_rcnn_kwargs: object,
     ) -> None:
-        if loss.box_loss == "giou":
+        if box_loss_row(loss).decoded:
             raise ValueError(
-                "loss.box_loss=giou is not available for Faster R-CNN: its RPN and box head regress "
+                f"loss.box_loss={loss.box_loss} is not available for Faster R-CNN: its RPN and box head regress "
                 "anchor/proposal deltas with smooth L1; use loss.box_loss=smooth_l1 (loss.beta=0.1111111111111111 "
                 "is torchvision's 1/9) or l1"
             )
-        if loss.bayesian and log_variances is None:
-            raise ValueError("loss.bayesian=true needs log_variances (rpn_cls, rpn_reg, roi_cls, roi_reg)")
         # +1: torchvision's box predictor has a background output at index 0
         predictor_classes = None if "box_predictor" in faster_rcnn_kwargs else num_classes + 1
         super().__init__(backbone, predictor_classes, **faster_rcnn_kwargs)
         roi_pool = self.roi_heads.box_roi_pool
         if list(roi_pool.featmap_names) != ROI_FEATURE_MAPS:
             raise ValueError(f"box_roi_pool must pool from {ROI_FEATURE_MAPS} (P2-P5), got {roi_pool.featmap_names}")
-        self.loss_cfg = loss
-        self.num_classes = num_classes
-        self.level_names = level_names(PYRAMID)[: len(ROI_FEATURE_MAPS)]  # P2-P5: the RoI levels, weighted
+        roi_levels = level_names(PYRAMID)[: len(ROI_FEATURE_MAPS)]  # P2-P5: the RoI levels, weighted
+        self.setup_losses(loss, num_classes, roi_levels, log_variances, box_uncertainty)
         self.rpn_level_names = level_names(PYRAMID)  # P2-P6: the RPN's anchor levels, logged
-        self.log_variances = log_variances if loss.bayesian else None
+        self.transform = DetectionTransform.like(self.transform)  # rescales bbox_std too
 
     @classmethod
     def from_config(cls, section: FasterRCNNConfig, loss: LossConfig, num_classes: int) -> PerLevelFasterRCNN:
@@ -180,6 +182,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
             num_classes,
             loss=loss,
             log_variances=cls.build_log_variances(loss),
+            box_uncertainty=m.box_uncertainty,
             rpn_batch_size_per_image=m.rpn_batch_size_per_image,
             box_batch_size_per_image=m.box_batch_size_per_image,
             **m.transform_kwargs(),
@@ -187,7 +190,9 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
             rpn_head=rpn_head,
             box_roi_pool=roi_pool,
             box_head=box_head,
-            box_predictor=FastRCNNPredictor(REPRESENTATION_SIZE, num_classes + 1),
+            box_predictor=box_predictor(
+                REPRESENTATION_SIZE, num_classes + 1, loss.box_log_var_range if m.box_uncertainty else None
+            ),
             box_score_thresh=m.score_thresh,
             box_nms_thresh=m.nms_thresh,
             box_detections_per_img=m.detections_per_img,
@@ -212,6 +217,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
             return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
         assert rpn_losses is not None and targets is not None
         roi_cls, roi_reg, roi_plain = self._roi_losses(features, proposals, image_list.image_sizes, targets)
+        self.count_training_forward()
         rpn_cls, rpn_reg = rpn_losses
         return DetectorLosses(
             level_names=list(self.level_names),
@@ -271,18 +277,22 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         """torchvision's ``RoIHeads.forward`` (training, boxes only) with per-level losses (and plain total)."""
         heads = self.roi_heads
         proposals, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
-        class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)
+        class_logits, box_regression, *log_var = self._box_outputs(features, proposals, image_sizes)
         levels = self.roi_levels(proposals)
-        return self.roi_level_losses(class_logits, box_regression, labels, regression_targets, levels)
+        return self.roi_level_losses(
+            class_logits, box_regression, labels, regression_targets, levels, log_var[0] if log_var else None
+        )
 
     def _box_outputs(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
+        """The box predictor's outputs: class logits [R, C+1], deltas [R, 4·(C+1)] and, with
+        ``model.box_uncertainty``, their log-variances α [R, 4·(C+1)] (``heads.py``)."""
         heads = self.roi_heads
         pooled = heads.box_roi_pool(features, proposals, image_sizes)
-        class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
-        dtype = loss_dtype(class_logits.dtype)
-        return class_logits.to(dtype), box_regression.to(dtype)
+        outputs = heads.box_predictor(heads.box_head(pooled))
+        dtype = loss_dtype(outputs[0].dtype)
+        return tuple(o.to(dtype) for o in outputs)
 
     def roi_levels(self, proposals: list[Tensor]) -> Tensor:
         """The pyramid level (0 = P2 .. 3 = P5) each RoI is pooled from: the pooler's own ``LevelMapper``.
@@ -297,14 +307,64 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
     def _detect(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
-        class_logits, box_regression = self._box_outputs(features, proposals, image_sizes)
-        boxes, scores, labels = self.roi_heads.postprocess_detections(
-            class_logits, box_regression, proposals, image_sizes
-        )
+        outputs = self._box_outputs(features, proposals, image_sizes)
+        if len(outputs) == 3:  # model.box_uncertainty
+            return self._uncertain_detections(*outputs, proposals, image_sizes)
+        boxes, scores, labels = self.roi_heads.postprocess_detections(*outputs, proposals, image_sizes)
         # torchvision's labels are 1..C here (background dropped): back to the engine's 0..C-1
         return [
             {"boxes": b, "scores": s, "labels": lab - 1} for b, s, lab in zip(boxes, scores, labels, strict=True)
         ]
+
+    def _uncertain_detections(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        box_log_var: Tensor,
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """torchvision's ``RoIHeads.postprocess_detections`` with each class-specific candidate carrying what
+        σ of its corners comes from (``box_std.delta_std``, the box head's weights (10, 10, 5, 5)): softmax,
+        decoding, clipping, score threshold, small boxes out, batched NMS, ``detections_per_img``; then
+        ``bbox_std`` and, with ``model.var_voting``, the kept boxes voted (``voting.py``). Labels 0..C-1."""
+        coder = self.roi_heads.box_coder
+        rois = box_regression.shape[0]
+        counts = [p.shape[0] for p in proposals]
+        parts = zip(
+            coder.decode(box_regression, proposals).split(counts),
+            F.softmax(class_logits, -1).split(counts),
+            box_log_var.reshape(rois, -1, 4).split(counts),
+            box_regression.reshape(rois, -1, 4).split(counts),
+            proposals,
+            image_sizes,
+            strict=True,
+        )
+        return [self._image_detections(*part) for part in parts]
+
+    def _image_detections(
+        self, boxes: Tensor, scores: Tensor, log_var: Tensor, deltas: Tensor, rois: Tensor, size: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        """One image's detections from its RoIs' per-class boxes [R, C+1, 4], scores [R, C+1], α and deltas
+        [R, C+1, 4] and the RoIs [R, 4]."""
+        heads = self.roi_heads
+        # every class of every RoI its own candidate, background (column 0) left out; the candidates that
+        # pass the score threshold are picked first, so only they are clipped and gathered (torchvision
+        # clips and flattens all R·(C+1) boxes first: the same values, in the same order)
+        foreground = scores[:, 1:].reshape(-1)
+        num_classes = scores.shape[1] - 1
+        inds = torch.where(foreground > heads.score_thresh)[0]
+        roi = torch.div(inds, num_classes, rounding_mode="floor")
+        cls = inds - roi * num_classes + 1
+        boxes = clip_boxes_to_image(boxes[roi, cls], size)
+        scores, labels = foreground[inds], cls - 1  # labels 0..C-1
+        coded = [log_var[roi, cls], deltas[roi, cls], rois[roi]]
+        inds = remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, labels, coded = boxes[inds], scores[inds], labels[inds], [x[inds] for x in coded]
+        keep = batched_nms(boxes, scores, labels, heads.nms_thresh)[: heads.detections_per_img]
+        coder = heads.box_coder
+        std_of = std_of_candidates(partial(delta_std, weights=coder.weights, clamp=coder.bbox_xform_clip), *coded)
+        return kept_detections(boxes, scores, labels, keep, std_of, self.var_voting_sigma_t)
 
     # --- losses --------------------------------------------------------------------------------
 
@@ -360,14 +420,17 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         labels: list[Tensor],
         regression_targets: list[Tensor],
         levels: Tensor,
+        box_log_var: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Box-head classification and regression losses per RoI level (roi_cls, roi_reg), each [4], and
-        their plain (σ = 1, detached) sum per level, the weightings' measure when Bayesian (else None).
+        their plain (σ = 1, no α, detached) sum per level, the weightings' measure when the trained loss
+        differs from it (Bayesian, KL-Loss; else None).
 
         ``class_logits`` [R, C+1], ``box_regression`` [R, 4·(C+1)] for the R sampled RoIs of the batch,
         ``labels`` per image (0 = background, 1..C), ``regression_targets`` per image [R_b, 4] (weights
-        10, 10, 5, 5), ``levels`` [R] the level each RoI was pooled from. torchvision's ``fastrcnn_loss``
-        split by level: CE over all R, smooth L1 of the true class's deltas over the foreground ones, both
+        10, 10, 5, 5), ``levels`` [R] the level each RoI was pooled from, ``box_log_var`` the α of the
+        deltas [R, 4·(C+1)] with ``model.box_uncertainty``. torchvision's ``fastrcnn_loss`` split by level:
+        CE over all R, smooth L1 (or the KL-Loss) of the true class's deltas over the foreground ones, both
         divided by R.
         """
         cfg = self.loss_cfg
@@ -376,16 +439,28 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         num_rois = max(1, labels_all.numel())
         cls = task_loss("ce", class_logits, labels_all, self.log_var("roi_cls"), cfg)
         pos = torch.where(labels_all > 0)[0]
-        per_class = box_regression.reshape(box_regression.shape[0], -1, 4)
-        reg = task_loss("box", per_class[pos, labels_all[pos]], targets_all[pos], self.log_var("roi_reg"), cfg)
+        reg = self._roi_box_loss(box_regression, box_log_var, targets_all, pos, labels_all[pos])
         num_levels = len(self.level_names)
         cls_levels = cfg.cls_weight * sum_by_level(cls.value, levels, num_levels) / num_rois
         reg_levels = sum_by_level(reg.value, levels[pos], num_levels) / num_rois
-        if cls.plain is None or reg.plain is None:  # plain losses are their own measure
+        if cls.plain is None and reg.plain is None:  # plain losses are their own measure
             return cls_levels, reg_levels, None
-        plain_cls = cfg.cls_weight * sum_by_level(cls.plain, levels, num_levels)
-        plain = (plain_cls + sum_by_level(reg.plain, levels[pos], num_levels)) / num_rois
-        return cls_levels, reg_levels, plain
+        cls_plain = cls.value.detach() if cls.plain is None else cls.plain
+        reg_plain = reg.value.detach() if reg.plain is None else reg.plain
+        plain_cls = cfg.cls_weight * sum_by_level(cls_plain, levels, num_levels)
+        plain_reg = sum_by_level(reg_plain, levels[pos], num_levels)
+        return cls_levels, reg_levels, (plain_cls + plain_reg) / num_rois
+
+    def _roi_box_loss(
+        self, box_regression: Tensor, box_log_var: Tensor | None, targets: Tensor, pos: Tensor, classes: Tensor
+    ) -> TaskLoss:
+        """The box loss of the foreground RoIs ``pos`` on their class's deltas (and α): [len(pos)]."""
+        per_class = box_regression.reshape(box_regression.shape[0], -1, 4)
+        deltas = per_class[pos, classes]
+        if box_log_var is None:
+            return task_loss("box", deltas, targets[pos], self.log_var("roi_reg"), self.loss_cfg)
+        log_var = box_log_var.reshape(box_log_var.shape[0], -1, 4)[pos, classes]
+        return uncertain_box_loss(deltas, targets[pos], log_var, self.box_uncertainty_weight(), self.loss_cfg)
 
 
 def canonical_scale(anchor_sizes: list[float]) -> int:

@@ -36,6 +36,8 @@ Bayesian (``loss.bayesian``, Eq. 19 of Khanzhina et al.): FL becomes the Bayesia
 (Eq. 16) and SmoothL1 the Bayesian smooth L1 with s_reg (Eq. 14) on the stride-normalised distances.
 GIoU has no Bayesian form (the config rejects bayesian + giou), L1 has no threshold β for Eq. 14 (rejected
 here), and the centerness term stays the plain BCE: it is neither of the two tasks Eq. 19 models.
+With ``model.box_uncertainty`` the smooth L1 (or L1) becomes the KL-Loss with one α per stride-normalised
+distance (``losses/box_uncertainty.py``); GIoU cannot take it (refused).
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.models.detection.fcos import FCOS
 
 from robustdet.losses import LogVariances, LossConfig, TaskLoss
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
-from robustdet.models.base import DetectorLosses, check_per_level, loss_dtype
-from robustdet.models.dense import DenseDetector, DenseSection, masked
+from robustdet.models.base import check_per_level
+from robustdet.models.box_std import DetectionTransform, distance_std
+from robustdet.models.dense import Assignment, DenseDetector, DenseSection, masked
+from robustdet.models.heads import FCOSDenseHead
 from robustdet.models.matching import pad_boxes
 
 PYRAMID = "p3p7_from_p5"
@@ -157,18 +161,15 @@ class PerLevelFCOS(DenseDetector, FCOS):
         level_names: list[str],
         range_bounds: list[float],
         log_variances: LogVariances | None = None,
+        box_uncertainty: bool = False,
         **fcos_kwargs: object,
     ) -> None:
         super().__init__(backbone, num_classes, **fcos_kwargs)
-        if loss.bayesian and log_variances is None:
-            raise ValueError("loss.bayesian=true needs log_variances (s_cls, s_reg)")
         if len(range_bounds) != len(level_names) + 1:
             raise ValueError(f"range_bounds needs {len(level_names) + 1} values, got {range_bounds}")
-        self.loss_cfg = loss
-        self.num_classes = num_classes
-        self.level_names = list(level_names)
+        self.setup_losses(loss, num_classes, level_names, log_variances, box_uncertainty)
         self.range_bounds = [float(b) for b in range_bounds]
-        self.log_variances = log_variances if loss.bayesian else None
+        self.transform = DetectionTransform.like(self.transform)  # rescales bbox_std too
 
     @classmethod
     def from_config(cls, section: FCOSConfig, loss: LossConfig, num_classes: int) -> PerLevelFCOS:
@@ -190,13 +191,13 @@ class PerLevelFCOS(DenseDetector, FCOS):
         strides = tuple(first_stride * 2**i for i in range(len(names)))
         points = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(names))
         norm_layer = partial(nn.GroupNorm, m.group_norm_groups) if m.head_norm == "group_norm" else nn.Identity
-        # FCOSHead builds its sub-heads with GroupNorm(32) and has no norm argument; num_convs=0 makes it
-        # build none, and the sub-heads are replaced with the configured ones (same parameter names).
-        head = FCOSHead(backbone.out_channels, 1, num_classes, num_convs=0)
-        head.classification_head = FCOSClassificationHead(
-            backbone.out_channels, 1, num_classes, prior_probability=m.prior_probability, norm_layer=norm_layer
+        head = FCOSDenseHead(
+            backbone.out_channels,
+            num_classes,
+            norm_layer,
+            m.prior_probability,
+            log_var_range=loss.box_log_var_range if m.box_uncertainty else None,
         )
-        head.regression_head = FCOSRegressionHead(backbone.out_channels, 1, norm_layer=norm_layer)
         return cls(
             backbone,
             num_classes,
@@ -204,6 +205,7 @@ class PerLevelFCOS(DenseDetector, FCOS):
             level_names=names,
             range_bounds=fcos_range_bounds(m.regression_ranges),
             log_variances=cls.build_log_variances(loss),
+            box_uncertainty=m.box_uncertainty,
             **m.transform_kwargs(),
             anchor_generator=points,
             head=head,
@@ -221,6 +223,15 @@ class PerLevelFCOS(DenseDetector, FCOS):
     def decode_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
         return self.head.box_coder.decode(regression, anchors)
 
+    def candidate_scores(self, level: dict[str, Tensor]) -> Tensor:
+        return torch.sqrt(torch.sigmoid(level["cls_logits"]) * torch.sigmoid(level["bbox_ctrness"]))
+
+    def candidate_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self.head.box_coder.decode(regression, anchors)
+
+    def candidate_std(self, log_var: Tensor, regression: Tensor, anchors: Tensor) -> Tensor:
+        return distance_std(log_var, anchors)
+
     def point_ranges(self, counts: list[int], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """Each location's regression range (lower, upper) [A]: (m_i, m_{i+1}) of its level i."""
         if len(counts) != len(self.level_names):
@@ -233,42 +244,31 @@ class PerLevelFCOS(DenseDetector, FCOS):
             bounds[1:].repeat_interleave(repeats, output_size=total),
         )
 
-    def compute_level_losses(
-        self,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        points: Tensor,
-        counts: list[int],
-    ) -> DetectorLosses:
-        """Per-level losses L_i (Eq. 19 when Bayesian) from head outputs [B, A, C] / [B, A, 4] / [B, A, 1].
-
-        ``targets`` are in the transformed (resized) coordinates, ``points`` [A, 4] shared by the batch,
-        ``counts`` the locations of each level in head-output order.
-        """
-        dtype = loss_dtype(head_outputs["cls_logits"].dtype)
-        logits = head_outputs["cls_logits"].to(dtype)
-        distances = head_outputs["bbox_regression"].to(dtype)
-        ctr_logits = head_outputs["bbox_ctrness"].to(dtype).squeeze(dim=2)
-        points = points.to(dtype)
-        batch, num_points, _ = logits.shape
-
+    def assign(self, targets: list[dict[str, Tensor]], points: Tensor, counts: list[int]) -> Assignment:
+        """Each location's box by centre sampling within its level's range (:func:`assign_points`); FCOS
+        ignores no location."""
         gt_boxes, gt_labels, gt_valid = pad_boxes(
-            [t["boxes"].to(dtype) for t in targets], [t["labels"] for t in targets]
+            [t["boxes"].to(points.dtype) for t in targets], [t["labels"] for t in targets]
         )
-        lower, upper = self.point_ranges(counts, dtype, points.device)
+        lower, upper = self.point_ranges(counts, points.dtype, points.device)
         assigned = assign_points(points, counts, gt_boxes, gt_valid, lower, upper, self.center_sampling_radius)
-        foreground = assigned >= 0
-        gt_index = assigned.clamp(min=0)
+        return Assignment(assigned, gt_boxes, gt_labels, gt_valid)
 
+    def anchor_losses(
+        self, outputs: dict[str, Tensor], points: Tensor, assignment: Assignment
+    ) -> dict[str, TaskLoss]:
+        """S^cls on every location, S^reg and S^ctr on the foreground ones (module docstring)."""
+        logits = outputs["cls_logits"]
+        batch, num_points, _ = logits.shape
+        foreground = assignment.foreground
         # FCOS ignores no location: every one enters the classification loss
-        labels = gt_labels.gather(1, gt_index)
-        cls = self.classification_loss(logits, labels, foreground)
+        cls = self.classification_loss(logits, assignment.labels, foreground)
 
-        matched_boxes = gt_boxes.gather(1, gt_index[..., None].expand(batch, num_points, 4))
+        matched_boxes = assignment.boxes
         batch_points = points.expand(batch, num_points, 4)
         # (l, t, r, b) / s of the assigned box; for background locations it is finite junk (masked below)
         target_distances = self.encode_boxes(matched_boxes, batch_points)
-        reg = masked(self.box_loss(distances, batch_points, matched_boxes, target_distances), foreground)
+        reg = masked(self.box_loss(outputs, batch_points, matched_boxes, target_distances), foreground)
 
         lr, tb = target_distances[..., 0::2], target_distances[..., 1::2]
         ctr_target = torch.sqrt(
@@ -277,9 +277,9 @@ class PerLevelFCOS(DenseDetector, FCOS):
         # background targets can be NaN (0/0) or negative: zero them before the BCE, whose input
         # gradient (p − target) would otherwise carry the NaN through the mask
         ctr_target = torch.where(foreground, ctr_target, 0.0)
+        ctr_logits = outputs["bbox_ctrness"].squeeze(dim=2)
         ctr_point = nn.functional.binary_cross_entropy_with_logits(ctr_logits, ctr_target, reduction="none")
-        ctr = masked(TaskLoss(ctr_point, None), foreground)
-        return self.level_output({"cls": cls, "reg": reg, "ctr": ctr}, counts, foreground.sum(dim=1))
+        return {"cls": cls, "reg": reg, "ctr": masked(TaskLoss(ctr_point, None), foreground)}
 
 
 def fcos_range_bounds(regression_ranges: list[float]) -> list[float]:

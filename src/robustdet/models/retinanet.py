@@ -15,7 +15,9 @@ Loss (``docs/models.md``), for image b, level i, anchors a of that level, n_b fo
 with N the per-image or per-batch normalisation of ``base.normalise``; Σ_i L_i is torchvision's
 ``classification + bbox_regression`` for per_image, cls_weight 1 and the same box loss. With
 ``loss.bayesian`` (Eq. 19 of Khanzhina et al.) FL becomes the Bayesian focal loss with s_cls (Eq. 16) and
-ℓ the Bayesian smooth L1 with s_reg (Eq. 14), normalised the same way.
+ℓ the Bayesian smooth L1 with s_reg (Eq. 14), normalised the same way. With ``model.box_uncertainty`` ℓ
+becomes the KL-Loss e^(−α)·ℓ + α/2 per delta with the head's α (He et al. 2019 Eq. 9/10,
+``losses/box_uncertainty.py``), blended in over ``loss.box_uncertainty_warmup``.
 """
 
 from __future__ import annotations
@@ -24,17 +26,20 @@ import math
 from functools import partial
 from typing import ClassVar, Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
-from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+from torchvision.models.detection.retinanet import RetinaNet
 
 from robustdet.box_coder import BoxCoder
-from robustdet.losses import LogVariances, LossConfig
+from robustdet.losses import LogVariances, LossConfig, TaskLoss
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import build_backbone, level_names
-from robustdet.models.base import DetectorLosses, check_per_level, loss_dtype
-from robustdet.models.dense import DenseDetector, DenseSection, masked
-from robustdet.models.matching import BETWEEN_THRESHOLDS, batched_box_iou, match_anchors, pad_boxes
+from robustdet.models.base import check_per_level
+from robustdet.models.box_std import DetectionTransform, delta_std
+from robustdet.models.dense import Assignment, DenseDetector, DenseSection, masked
+from robustdet.models.heads import RetinaNetDenseHead
+from robustdet.models.matching import batched_box_iou, match_anchors, pad_boxes
 
 PYRAMID = "p3p7"
 
@@ -76,16 +81,13 @@ class PerLevelRetinaNet(DenseDetector, RetinaNet):
         loss: LossConfig,
         level_names: list[str],
         log_variances: LogVariances | None = None,
+        box_uncertainty: bool = False,
         **retinanet_kwargs: object,
     ) -> None:
         super().__init__(backbone, num_classes, **retinanet_kwargs)
-        if loss.bayesian and log_variances is None:
-            raise ValueError("loss.bayesian=true needs log_variances (s_cls, s_reg)")
-        self.loss_cfg = loss
-        self.num_classes = num_classes
-        self.level_names = list(level_names)
-        self.log_variances = log_variances if loss.bayesian else None
+        self.setup_losses(loss, num_classes, level_names, log_variances, box_uncertainty)
         self.delta_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.transform = DetectionTransform.like(self.transform)  # rescales bbox_std too
 
     @classmethod
     def from_config(cls, section: RetinaNetConfig, loss: LossConfig, num_classes: int) -> PerLevelRetinaNet:
@@ -94,11 +96,12 @@ class PerLevelRetinaNet(DenseDetector, RetinaNet):
         backbone = build_backbone(m, PYRAMID)
         anchor_generator = build_anchor_generator(m.anchor_sizes, m.anchor_scales, m.aspect_ratios)
         norm_layer = partial(nn.GroupNorm, m.group_norm_groups) if m.head_norm == "group_norm" else None
-        head = RetinaNetHead(
+        head = RetinaNetDenseHead(
             backbone.out_channels,
             anchor_generator.num_anchors_per_location()[0],
             num_classes,
             norm_layer=norm_layer,
+            log_var_range=loss.box_log_var_range if m.box_uncertainty else None,
         )
         # RetinaNetHead always uses prior 0.01; the configured prior sets the initial foreground probability
         nn.init.constant_(
@@ -110,6 +113,7 @@ class PerLevelRetinaNet(DenseDetector, RetinaNet):
             loss=loss,
             level_names=level_names(PYRAMID),
             log_variances=cls.build_log_variances(loss),
+            box_uncertainty=m.box_uncertainty,
             **m.transform_kwargs(),
             anchor_generator=anchor_generator,
             head=head,
@@ -127,26 +131,21 @@ class PerLevelRetinaNet(DenseDetector, RetinaNet):
     def decode_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
         return self.delta_coder.decode(regression, anchors)
 
-    def compute_level_losses(
-        self,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        anchors: Tensor,
-        counts: list[int],
-    ) -> DetectorLosses:
-        """Per-level losses L_i (Eq. 19 when Bayesian) from head outputs [B, A, C] / [B, A, 4].
+    def candidate_scores(self, level: dict[str, Tensor]) -> Tensor:
+        return torch.sigmoid(level["cls_logits"])
 
-        ``targets`` are in the transformed (resized) coordinates, ``anchors`` [A, 4] shared by the
-        batch, ``counts`` the anchors of each level in head-output order.
-        """
-        dtype = loss_dtype(head_outputs["cls_logits"].dtype)
-        logits = head_outputs["cls_logits"].to(dtype)
-        deltas = head_outputs["bbox_regression"].to(dtype)
-        anchors = anchors.to(dtype)
-        batch, num_anchors, _ = logits.shape
+    def candidate_boxes(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self.box_coder.decode_single(regression, anchors)
 
+    def candidate_std(self, log_var: Tensor, regression: Tensor, anchors: Tensor) -> Tensor:
+        coder = self.box_coder
+        return delta_std(log_var, regression, anchors, coder.weights, coder.bbox_xform_clip)
+
+    def assign(self, targets: list[dict[str, Tensor]], anchors: Tensor, counts: list[int]) -> Assignment:
+        """Each anchor's box by IoU: torchvision's ``Matcher`` for the whole batch (``matching.py``);
+        IoU in [low, high) is ignored."""
         gt_boxes, gt_labels, gt_valid = pad_boxes(
-            [t["boxes"].to(dtype) for t in targets], [t["labels"] for t in targets]
+            [t["boxes"].to(anchors.dtype) for t in targets], [t["labels"] for t in targets]
         )
         matched = match_anchors(
             batched_box_iou(anchors, gt_boxes, gt_valid),
@@ -154,15 +153,19 @@ class PerLevelRetinaNet(DenseDetector, RetinaNet):
             self.proposal_matcher.high_threshold,
             self.proposal_matcher.low_threshold,
         )
-        foreground = matched >= 0
-        valid = matched != BETWEEN_THRESHOLDS  # anchors with IoU in [low, high) are ignored
-        gt_index = matched.clamp(min=0)
+        return Assignment(matched, gt_boxes, gt_labels, gt_valid)
 
-        labels = gt_labels.gather(1, gt_index)
-        cls = masked(self.classification_loss(logits, labels, foreground), valid)
-        matched_boxes = gt_boxes.gather(1, gt_index[..., None].expand(batch, num_anchors, 4))
-        reg = masked(self.box_loss(deltas, anchors.expand(batch, num_anchors, 4), matched_boxes), foreground)
-        return self.level_output({"cls": cls, "reg": reg}, counts, foreground.sum(dim=1))
+    def anchor_losses(
+        self, outputs: dict[str, Tensor], anchors: Tensor, assignment: Assignment
+    ) -> dict[str, TaskLoss]:
+        """S^cls per anchor on the anchors not ignored, S^reg on the foreground ones (module docstring)."""
+        logits = outputs["cls_logits"]
+        batch, num_anchors, _ = logits.shape
+        fg = assignment.foreground
+        cls = masked(self.classification_loss(logits, assignment.labels, fg), assignment.valid)
+        batch_anchors = anchors.expand(batch, num_anchors, 4)
+        reg = masked(self.box_loss(outputs, batch_anchors, assignment.boxes), fg)
+        return {"cls": cls, "reg": reg}
 
 
 __all__ = ["PerLevelRetinaNet", "RetinaNetConfig"]

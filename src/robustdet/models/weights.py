@@ -14,6 +14,11 @@ identity; what differs is checked here, tensor by tensor, and either kept at the
   ``retinanet_resnet50_fpn_v2`` does;
 - the log-variances of the Bayesian losses are robustdet's own: absent from torchvision's files (kept at
   ``loss.log_var_init``) and ignored when the file has them and the model does not;
+- the α layers of ``model.box_uncertainty`` (``bbox_log_var``, models/heads.py) are robustdet's own too:
+  absent from torchvision's files and from checkpoints trained without them, they keep their KL-Loss
+  initialisation and the report line names them; a file's α layers are ignored by a model without them;
+- ``box_uncertainty_iter`` (the KL-Loss warm-up's count) is never taken from the file: a run started
+  from trained weights warms up afresh;
 - ``num_batches_tracked`` counters are ignored: torchvision's trained models have ``FrozenBatchNorm2d``
   (no counter), a locally built one ``BatchNorm2d``.
 
@@ -40,6 +45,8 @@ CLASSIFICATION_LAYERS: dict[str, int] = {
 }
 EXTRA_BLOCKS = "backbone.fpn.extra_blocks."
 ROBUSTDET_ONLY = ("log_variances.",)
+BOX_UNCERTAINTY = ("head.regression_head.bbox_log_var.", "roi_heads.box_predictor.bbox_log_var.")
+RUN_STATE = ("box_uncertainty_iter",)  # the model's own, never loaded
 SHOWN = 3  # names shown per list in the report line and in errors
 
 # Keys whose presence in a file tells which torchvision variant it is, for a hint when it does not fit.
@@ -84,6 +91,7 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # the model's, absent from the file: kept their init
+    initialised: list[str] = field(default_factory=list)  # box-uncertainty layers the file lacks: fresh init
     unexpected: list[str] = field(default_factory=list)  # the file's, absent from the model: ignored
     file_classes: int | None = None
     model_classes: int | None = None
@@ -96,6 +104,11 @@ class LoadReport:
             f"re-initialised {len(self.reinitialised)}{_show(self.reinitialised)}{why}; "
             f"missing {len(self.missing)}{_show(self.missing)}; "
             f"unexpected {len(self.unexpected)}{_show(self.unexpected)}"
+            + (
+                f"; box uncertainty: initialised {len(self.initialised)}{_show(self.initialised)} (KL-Loss init)"
+                if self.initialised
+                else ""
+            )
         )
 
 
@@ -135,7 +148,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], str]:
 
 
 def _group(key: str) -> str | None:
-    """The re-initialisable group of ``key`` (its prefix), or None."""
+    """The re-initialisable group of ``key`` (its prefix), or None (the α layers are their own case)."""
+    if key.startswith(BOX_UNCERTAINTY):
+        return None
     for prefix in (*CLASSIFICATION_LAYERS, EXTRA_BLOCKS):
         if key.startswith(prefix):
             return prefix
@@ -159,29 +174,26 @@ def _hint(state: dict[str, Tensor], model_state: dict[str, Tensor]) -> str:
     return ""
 
 
-def load_detector_weights(model: nn.Module, path: str | Path, num_classes: int) -> LoadReport:
-    """Load ``path`` into ``model`` (a robustdet detector for ``num_classes`` classes) in place.
-
-    See the module docstring for what is kept at its initialisation and what is an error. Raises
-    ``FileNotFoundError`` for a missing file and ``CheckpointError`` (one line naming the file and the
-    first key) for a file that does not fit.
-    """
-    state, source = read_state_dict(path)
-    path = Path(path).expanduser()
-    model_state = model.state_dict()
+def _compare_keys(
+    path: Path, state: dict[str, Tensor], model_state: dict[str, Tensor]
+) -> tuple[list[str], list[str], set[str]]:
+    """(missing, unexpected, the groups to re-initialise) of ``state`` against the model's, or a
+    ``CheckpointError`` for a difference that no rule of the module docstring covers."""
 
     def counted(key: str) -> bool:
-        return not key.endswith("num_batches_tracked")
+        return not key.endswith("num_batches_tracked") and key not in RUN_STATE
+
+    def own(key: str) -> bool:  # robustdet's own tensors, allowed to be absent on either side
+        return key.startswith(ROBUSTDET_ONLY) or key.startswith(BOX_UNCERTAINTY)
 
     missing = [k for k in model_state if k not in state and counted(k)]
     unexpected = [k for k in state if k not in model_state and counted(k)]
-    mismatched = [k for k in model_state if k in state and state[k].shape != model_state[k].shape]
-
+    mismatched = [k for k in model_state if k in state and counted(k) and state[k].shape != model_state[k].shape]
     # a group (classification layers, P6/P7) is kept whole at its init when any of its tensors differs
     reinit_groups = {g for k in mismatched if (g := _group(k)) is not None}
-    hard_missing = [k for k in missing if not k.startswith(ROBUSTDET_ONLY) and _group(k) is None]
-    hard_unexpected = [k for k in unexpected if not k.startswith(ROBUSTDET_ONLY) and _group(k) is None]
-    hard_mismatched = [k for k in mismatched if _group(k) is None]
+    hard_missing = [k for k in missing if not own(k) and _group(k) is None]
+    hard_unexpected = [k for k in unexpected if not own(k) and _group(k) is None]
+    hard_mismatched = [k for k in mismatched if _group(k) is None and not k.startswith(BOX_UNCERTAINTY)]
     if hard_mismatched:
         k = hard_mismatched[0]
         raise CheckpointError(
@@ -199,6 +211,20 @@ def load_detector_weights(model: nn.Module, path: str | Path, num_classes: int) 
             f"{path}: model.weights does not fit this model ({'; '.join(parts)}; another detector or head?)"
             f"{_hint(state, model_state)}"
         )
+    return missing, unexpected, reinit_groups
+
+
+def load_detector_weights(model: nn.Module, path: str | Path, num_classes: int) -> LoadReport:
+    """Load ``path`` into ``model`` (a robustdet detector for ``num_classes`` classes) in place.
+
+    See the module docstring for what is kept at its initialisation and what is an error. Raises
+    ``FileNotFoundError`` for a missing file and ``CheckpointError`` (one line naming the file and the
+    first key) for a file that does not fit.
+    """
+    state, source = read_state_dict(path)
+    path = Path(path).expanduser()
+    model_state = model.state_dict()
+    missing, unexpected, reinit_groups = _compare_keys(path, state, model_state)
 
     report = LoadReport(path=path, source=source, model_classes=num_classes)
     report.file_classes = _file_classes(state, model_state, num_classes)
@@ -211,15 +237,18 @@ def load_detector_weights(model: nn.Module, path: str | Path, num_classes: int) 
         )
     merged = dict(model_state)
     for key in model_state:
-        if not counted(key) or key not in state:
+        if key.endswith("num_batches_tracked") or key in RUN_STATE or key not in state:
             continue
-        if _group(key) in reinit_groups:
+        if key.startswith(BOX_UNCERTAINTY) and state[key].shape != model_state[key].shape:
+            report.initialised.append(key)  # another class count: the α layer starts afresh as well
+        elif _group(key) in reinit_groups:
             report.reinitialised.append(key)
-            continue
-        merged[key] = state[key]
-        report.loaded.append(key)
+        else:
+            merged[key] = state[key]
+            report.loaded.append(key)
+    report.initialised += [k for k in missing if k.startswith(BOX_UNCERTAINTY)]
     report.reinitialised += [k for k in missing if _group(k) is not None]
-    report.missing = [k for k in missing if _group(k) is None]
+    report.missing = [k for k in missing if _group(k) is None and not k.startswith(BOX_UNCERTAINTY)]
     report.unexpected = unexpected
     # the fresh model's own values stand for everything not loaded: its init is the re-initialisation
     model.load_state_dict(merged)

@@ -79,14 +79,14 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
 
 
 # log keys written before logging was generic (robustdet <= stop 7), read as the generic names
-_RLO_ACTIONS = ("a0_avw", "a1_smallest_loss", "a2_largest_loss", "a3_equal")
+RLO_ACTIONS = ("a0_avw", "a1_smallest_loss", "a2_largest_loss", "a3_equal")
 
 
 def upgrade_record(rec: dict[str, Any]) -> dict[str, Any]:
     """A ``log.jsonl`` record with the old RLO and log-variance keys renamed to the generic ones."""
     out = dict(rec)
     if "rlo_probabilities" in out:
-        for name, p in zip(_RLO_ACTIONS, out.pop("rlo_probabilities"), strict=True):
+        for name, p in zip(RLO_ACTIONS, out.pop("rlo_probabilities"), strict=True):
             out[f"weighting/action_probability/{name}"] = p
     if "rlo_action" in out:
         action = out.pop("rlo_action")
@@ -203,6 +203,7 @@ def expand_run_dirs(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]
 
 
 __all__ = [
+    "RLO_ACTIONS",
     "Run",
     "expand_run_dirs",
     "final_sigmas",

@@ -1,0 +1,179 @@
+"""What per-box uncertainty (``bbox_std``) and var voting cost at inference, side by side in one process.
+
+Three models per detector with the same weights where they share them: plain; ``model.box_uncertainty``
+(the head's extra α outputs, ``bbox_std`` through the box coder); and the same with ``model.var_voting``.
+Each runs eval mode under ``torch.inference_mode()`` on one batch (``bench_train_step.py``'s random images,
+80 classes, ResNet-18 FPN-64), alternating their order repeat by repeat; the median process CPU time (one
+torch thread) of each. The whole forward's medians differ by a few percent from run to run on a shared
+CPU, more than the costs measured, so the costs come from the parts that differ, timed the same way on
+the inputs they got in one forward: the head (dense detectors) and the detection step
+(``postprocess_detections``; Faster R-CNN's ``_detect``, box head included). bbox_std cost =
+(Δ head + Δ detection step) / plain forward; voting cost = (voting's detection step − bbox_std's) / plain
+forward. ``--score-thresh`` (default 0.005, as
+``bench_inference.py``) sends each level's top 1,000 candidates through NMS and voting, as a trained
+model's busy image does; at random initialisation torchvision's 0.05 would leave them nothing.
+
+``--stand-in-head`` replaces the α layers by α = clamp(½·regression) (no convolution): the cost of the
+post-processing alone (σ through the coder, voting), without the head's extra outputs.
+
+Run: ``PYTHONPATH=src .venv/bin/python benchmarks/bench_uncertainty_inference.py [--repeats 15]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from bench_train_step import CASES, Case, make_batch, make_cfg
+from robustdet.config import config_from_dict
+from robustdet.models import build_model
+
+DETECTORS = ("retinanet", "fcos", "faster_rcnn")
+
+
+class StandInHead(torch.nn.Module):
+    """The plain head plus α = clamp(½·regression): ``bbox_log_var`` at no convolution's cost."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+        self.box_coder = getattr(head, "box_coder", None)
+
+    def forward(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.head(features)
+        out["bbox_log_var"] = (0.5 * out["bbox_regression"]).clamp(-7.0, 7.0)
+        return out
+
+
+class StandInPredictor(torch.nn.Module):
+    def __init__(self, predictor: torch.nn.Module) -> None:
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, deltas = self.predictor(x)
+        return logits, deltas, (0.5 * deltas).clamp(-7.0, 7.0)
+
+
+def stand_in(model: torch.nn.Module) -> None:
+    if hasattr(model, "roi_heads"):
+        model.roi_heads.box_predictor = StandInPredictor(model.roi_heads.box_predictor)
+    else:
+        model.head = StandInHead(model.head)
+
+
+COMMON_KEYS = ("backbone", "fpn_channels", "head_norm", "group_norm_groups", "min_size", "max_size")
+# where each detector's outputs become detections: the part that bbox_std and voting change
+DETECTION_STEP = {"retinanet": "postprocess_detections", "fcos": "postprocess_detections", "faster_rcnn": "_detect"}
+
+
+def build_three(
+    case: Case, name: str, num_classes: int, score_thresh: float, stand_in_head: bool
+) -> dict[str, torch.nn.Module]:
+    bench = make_cfg(case.size).model
+    section = {k: getattr(bench, k) for k in COMMON_KEYS} | {"name": name, "score_thresh": score_thresh}
+    if name != "fcos":
+        section["anchor_sizes"] = bench.anchor_sizes
+    loss = {"box_loss": {"retinanet": "l1", "fcos": "giou", "faster_rcnn": "smooth_l1"}[name]}
+    models = {}
+    variants: dict[str, dict[str, bool]] = {
+        "plain": {}, "bbox_std": {"box_uncertainty": True}, "voting": {"box_uncertainty": True, "var_voting": True}
+    }
+    for label, extra in variants.items():
+        cfg = config_from_dict({"model": {**section, **({} if stand_in_head else extra)}, "loss": loss})
+        torch.manual_seed(0)
+        models[label] = build_model(cfg, num_classes).eval()
+        if label != "plain":  # the plain weights, the α layers at their init
+            models[label].load_state_dict(models["plain"].state_dict(), strict=False)
+        if stand_in_head and label != "plain":
+            stand_in(models[label])
+            models[label].var_voting_sigma_t = 0.02 if extra.get("var_voting") else None
+    return models
+
+
+def captured(model: torch.nn.Module, part: torch.nn.Module, method: str, images: list[torch.Tensor]) -> Callable:
+    """``part.method`` again on the arguments it got in one eval forward of ``model`` on ``images``."""
+    seen: dict[str, tuple] = {}
+    original = getattr(part, method)
+
+    def capture(*args: object) -> object:
+        seen["args"] = args
+        return original(*args)
+
+    setattr(part, method, capture)
+    try:
+        with torch.inference_mode():
+            model(images)
+    finally:
+        delattr(part, method)
+    return lambda: original(*seen["args"])
+
+
+def median_times(calls: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, float]:
+    """Median process CPU time of each call, alternating their order repeat by repeat."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    order = list(calls)
+    for r in range(args.warmup + args.repeats):
+        for label in order if r % 2 else order[::-1]:
+            start = time.process_time()
+            with torch.inference_mode():
+                calls[label]()
+            if r >= args.warmup:
+                times[label].append(time.process_time() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure(case: Case, name: str, args: argparse.Namespace) -> str:
+    models = build_three(case, name, args.num_classes, args.score_thresh, args.stand_in_head)
+    images, _ = make_batch(case, args.num_classes, torch.device("cpu"))
+    with torch.inference_mode():
+        out = {k: m(images) for k, m in models.items()}
+    if "bbox_std" not in out["bbox_std"][0]:
+        raise RuntimeError(f"{name}: model.box_uncertainty gives no bbox_std (no α head?)")
+    count = sum(len(d["boxes"]) for d in out["plain"]) / case.batch
+    full = median_times({k: partial(m, images) for k, m in models.items()}, args)
+    parts = {k: captured(m, m, DETECTION_STEP[name], images) for k, m in models.items()}
+    if name != "faster_rcnn":  # its box head (and α layer) is inside _detect
+        parts |= {f"head {k}": captured(m, m.head, "forward", images) for k, m in models.items()}
+    part = median_times(parts, args)
+    extra_head = part["head bbox_std"] - part["head plain"] if name != "faster_rcnn" else 0.0
+    plain = full["plain"]
+    std_cost = (extra_head + part["bbox_std"] - part["plain"]) / plain
+    vote_cost = (part["voting"] - part["bbox_std"]) / plain
+    return (
+        f"| {name} | {case.name} | {count:.0f} | {plain * 1e3:.0f} | {full['bbox_std'] * 1e3:.0f} "
+        f"| {full['voting'] * 1e3:.0f} | {part['plain'] * 1e3:.1f} / {part['bbox_std'] * 1e3:.1f} / "
+        f"{part['voting'] * 1e3:.1f} | {extra_head * 1e3:+.1f} | {std_cost:+.1%} | {vote_cost:+.1%} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--num-classes", type=int, default=80)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--score-thresh", type=float, default=0.005)
+    parser.add_argument("--cases", type=int, nargs="+", default=list(range(len(CASES))))
+    parser.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS)
+    parser.add_argument("--stand-in-head", action="store_true", help="α without the head's layers (see above)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    head = "stand-in α (post-processing only)" if args.stand_in_head else "the α head layers"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.num_classes} classes, {args.repeats} repeats, "
+          f"{head}")
+    print("\n| detector | case | detections / image | plain ms | bbox_std ms | voting ms "
+          "| detection step ms (plain / bbox_std / voting) | α head ms | bbox_std cost | voting cost |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.detectors:
+        for i in args.cases:
+            print(measure(CASES[i], name, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Per-box uncertainty: the KL-Loss of He et al. (CVPR 2019), with the configured box loss inside.
+
+The box head predicts, beside each regression output δ_k, its log-variance α_k = log σ_k². He et al.
+model the target as a Dirac and the prediction as N(δ_k, σ_k²); the KL divergence between them is, up to
+constants, their Eq. (9), and Eq. (10) its smooth-L1 form for errors beyond 1:
+
+    |δ − δ*| <= 1:  e^(−α)/2 · (δ − δ*)² + α/2                          (Eq. 9)
+    |δ − δ*| >  1:  e^(−α) · (|δ − δ*| − 1/2) + α/2                      (Eq. 10)
+
+i.e. e^(−α)·ℓ(δ − δ*) + α/2 with ℓ the smooth L1 of threshold 1. Here ℓ is ``loss.box_loss``'s own
+per-coordinate loss (``box.py``: smooth L1 with c = ``loss.beta``, or L1), so that at α = 0 the loss is
+exactly the plain box loss. probdet (Harakeh & Waslander, ICLR 2021), which trains such heads for
+RetinaNet, found two things essential: α clamped (to [−7, 7]; the heads clamp, ``models/heads.py``) and
+the uncertainty term annealed in from the plain loss:
+
+    L_k = (1 − w)·ℓ_k + w·(e^(−α_k)·ℓ_k + α_k/2),      w = min(1, iteration / loss.box_uncertainty_warmup)
+
+(linear in w here; probdet anneals over its own schedule). d/dα_k = w·(1/2 − e^(−α_k)·ℓ_k), zero at
+e^(α_k) = ℓ_k·2: σ² tracks twice the loss of the box, which is what makes σ per box mean something.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from robustdet.losses._reduction import check_float, check_reduction, check_same_shape, reduce
+from robustdet.losses.box import box_loss_row, coordinate_box_loss
+from robustdet.losses.config import LossConfig
+from robustdet.losses.task import TaskLoss
+
+
+def kl_box_loss(
+    plain: Tensor, log_var: Tensor, weight: float | Tensor = 1.0, reduction: str = "none"
+) -> Tensor:
+    """(1 − w)·ℓ + w·(e^(−α)·ℓ + α/2), elementwise (He et al. 2019, Eq. 9/10 with ℓ inside; module docstring).
+
+    Args:
+        plain: ℓ, the per-coordinate box loss of each regression output (e.g. smooth L1 of δ − δ*), >= 0.
+        log_var: α = log σ², same shape (already clamped by the head).
+        weight: w in [0, 1], the warm-up blend (1: the KL-Loss alone, 0: the plain loss alone).
+        reduction: "none", "sum" or "mean".
+    """
+    check_reduction(reduction)
+    check_float("log_var", log_var)
+    check_same_shape("plain", plain, "log_var", log_var)
+    kl = torch.exp(-log_var) * plain + 0.5 * log_var
+    if isinstance(weight, float) and weight == 1.0:
+        return reduce(kl, reduction)
+    if isinstance(weight, float) and not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must lie in [0, 1], got {weight}")
+    return reduce((1.0 - weight) * plain + weight * kl, reduction)
+
+
+def uncertain_box_loss(
+    pred: Tensor, target: Tensor, log_var: Tensor, weight: float | Tensor, loss: LossConfig
+) -> TaskLoss:
+    """The KL-Loss of deltas ``pred`` [..., 4] against ``target`` with α = ``log_var`` [..., 4], summed over
+    the 4 coordinates: ``TaskLoss(value [...], plain [...])``, plain the box loss without α (detached),
+    the measure the level weightings take."""
+    if box_loss_row(loss).decoded:
+        raise ValueError(f"loss.box_loss={loss.box_loss} has no per-coordinate form for a per-box α")
+    plain = coordinate_box_loss(pred, target, loss)
+    value = kl_box_loss(plain, log_var.to(plain.dtype), weight).sum(dim=-1)
+    return TaskLoss(value, plain.detach().sum(dim=-1))
+
+
+__all__ = ["kl_box_loss", "uncertain_box_loss"]
