@@ -224,8 +224,6 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
     ) -> None:
         self.image_root = Path(image_root)
         self.train = train
-        augmented = train if augmented is None else augmented
-        skip_empty = train if skip_empty is None else skip_empty
         self.source = source
         # replace an image that fails to decode by the next readable one, and say so in the target's
         # "skipped" list of (path, reason), instead of raising (training only: see __getitem__)
@@ -251,7 +249,7 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
         offsets, boxes, labels, ann_ids = [0], [], [], []
         for img in data["images"]:
             anns = per_image[img["id"]]
-            if skip_empty and empty_images == "skip" and not anns:
+            if (train if skip_empty is None else skip_empty) and empty_images == "skip" and not anns:
                 continue
             self.image_ids.append(img["id"])
             self._files.append(f"{root}/{img['file_name']}")
@@ -267,6 +265,7 @@ class DetectionDataset(Dataset[tuple[tv_tensors.Image, Target]]):
         self._labels = np.asarray(labels, dtype=np.int64)
         self._ann_ids = np.asarray(ann_ids, dtype=np.int64)
         self.coco = coco_api(data)
+        augmented = train if augmented is None else augmented
         self.transform = build_transform(augment or AugmentConfig()) if augmented else None
 
     def _apply_out_of_image(self, data: dict[str, Any], policy: str) -> dict[str, Any]:

@@ -135,8 +135,7 @@ def export_model(
     min_size = loaded.cfg.model.min_size
     h, w = size or (min_size, min_size)
     set_up(model, min_size)
-    with_std = loaded.cfg.model.box_uncertainty
-    wrapper = ExportableDetector(model, with_std)
+    wrapper = ExportableDetector(model, with_std := loaded.cfg.model.box_uncertainty)
     image = example_image((h, w))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
