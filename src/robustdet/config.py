@@ -49,6 +49,9 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     # learning rate of the log-variances (their own group, never weight-decayed); None: same as lr
     log_var_lr: float | None = Field(None, gt=0)
+    # iterations for which the log-variance group (the Bayesian s, UW's u) is held still (lr 0), after
+    # which it follows the schedule: a warm-up of s (issue 16 §4; docs/results.md measures it)
+    log_var_warmup: int = Field(0, ge=0)
     # the total batch (batch_size x world size) lr and log_var_lr are stated for: when set (and
     # train.scale_lr), both are scaled linearly to the run's total batch (docs/training.md, Schedules)
     reference_batch_size: int | None = Field(None, ge=1)

@@ -29,6 +29,16 @@ def lr_factor(it: int, cfg: ScheduleConfig, max_iter: int) -> float:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_iter: int
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_iter: int, log_var_warmup: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg, max_iter))
+    """The schedule of every parameter group; the "log_var" group (engine/optim.py) additionally stands
+    still (factor 0) for its first ``log_var_warmup`` iterations."""
+
+    def held(it: int) -> float:
+        return 0.0 if it < log_var_warmup else lr_factor(it, cfg, max_iter)
+
+    lambdas = [
+        held if log_var_warmup and group.get("name") == "log_var" else (lambda it: lr_factor(it, cfg, max_iter))
+        for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

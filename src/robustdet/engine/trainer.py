@@ -135,7 +135,9 @@ class Trainer:
         weighting = build_weighting(cfg.weighting, len(model.level_names), cfg.seed)
         weighting.to(device)
         optimizer = build_optimizer(model, weighting, cfg, plan.lr_scale)
-        scheduler = build_scheduler(optimizer, plan.schedule, plan.max_iter)
+        scheduler = build_scheduler(
+            optimizer, plan.schedule, plan.max_iter, cfg.train.optimizer.log_var_warmup
+        )
         best = BestTracker(cfg.checkpoint.best_metric) if cfg.checkpoint.best_metric else None
         return TrainState(model, weighting, optimizer, scheduler, best, train_set.classes, train_set.category_ids)
 

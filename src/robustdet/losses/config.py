@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from robustdet.losses.bayesian_form import BayesianFormName
 from robustdet.section import Section
 
 
@@ -21,6 +22,9 @@ class LossConfig(Section):
     # over the ranks under torchrun)
     normalization: Literal["per_image", "per_batch"] = "per_batch"
     bayesian: bool = False
+    # which Bayesian loss (losses/bayesian_form.py): "paper" is Eq. 14 / 16 exactly, the form that collapses
+    # when s converges (docs/results.md); the others change its focusing factor and / or its regulariser
+    bayesian_form: BayesianFormName = "paper"
     # initial s per task; None: the detector's own (``Detector.loss_tasks``, the paper's s_reg 1, s_cls 0)
     log_var_init: dict[str, float] | None = None
     log_var_range: tuple[float, float] | None = None

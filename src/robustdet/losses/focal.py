@@ -39,6 +39,7 @@ from robustdet.losses._reduction import (
     finite_checks_enabled,
     reduce,
 )
+from robustdet.losses.bayesian_form import PAPER, BayesianForm, form_of, regulariser, regulariser_grad
 
 __all__ = [
     "bayesian_binary_cross_entropy",
@@ -49,8 +50,6 @@ __all__ = [
 ]
 
 
-# The one function over 60 lines (83): the plain and the Bayesian focal terms share one pass over the
-# logits; its split goes with the Bayesian-form work of issue 16 §4, which edits it (not landed yet).
 def _focal_terms(
     x: Tensor,
     t: Tensor,
@@ -61,38 +60,74 @@ def _focal_terms(
     want_grad_x: bool,
     want_grad_s: bool,
     want_plain: bool = False,
+    form: BayesianForm = PAPER,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Loss (reduced), d(loss)/dx and d(loss)/ds of Eq. 16, computed together in one forward call.
+    """Loss (reduced), d(loss)/dx and d(loss)/ds of Eq. 16 in the ``form`` (losses/bayesian_form.py),
+    computed together in one forward call.
 
     With ``want_plain`` also the plain loss at σ = 1 (the focal loss, Eq. 7), elementwise: the measure the
     multi-scale weightings take of a Bayesian detector (equations.md, "Bayesian losses with AVW / RLO"),
     from the CE and log q this pass computes anyway, for three extra elementwise operations.
 
     The gradients are those of the *reduced* loss for "sum"/"mean" (so backward only multiplies by the
-    incoming scalar) and elementwise for "none". Derivation, with e = σ⁻² = exp(−s), h = log σ = s/2,
-    M = σ^(−γ)·q^(γe), C = α_t·M, A = e·CE + h, so that loss = C·A:
+    incoming scalar) and elementwise for "none". Derivation, with e = σ⁻² = exp(−s), r = r(s) the form's
+    regulariser (log σ = s/2, or log(1 + σ²)), g = 1 with Eq. 16's scaled focusing and 0 with the fixed one,
+    M = σ^(−gγ)·q^(γ·e^g), C = α_t·M, A = e·CE + r, so that loss = C·A:
 
         d log q / dx = [(1 − t)·σ(x)·σ(−x) − t·σ(x)·σ(−x)] / q
                      = (1 − t)·σ(−x) − t·σ(x) + t(1 − t)·(σ(x) − σ(−x)) / q
-        d loss / dx  = e·[γ·loss·(d log q / dx) + C·(p − t)]
-        d loss / ds  = C·(h + 1/2) − loss·(1 + γ/2 + γ·e·log q)
+        d loss / dx  = γ·e^g·loss·(d log q / dx) + e·C·(p − t)
+        d loss / ds  = C·(r + r') − loss·(1 + g·(γ/2 + γ·e·log q))
 
     The second form of d log q / dx is exact for hard targets even where q underflows to 0: the
     soft-target term is multiplied by t(1 − t) = 0 there.
     """
     e = torch.exp(-s)
-    h = 0.5 * s
+    r, r_grad = regulariser(s, form), regulariser_grad(s, form)
     u = 1.0 - t
     log_p = F.logsigmoid(x)
     ce = u * x
     ce.sub_(log_p)  # softplus(x) − t·x, the stable BCE with logits
     n = x.numel()
     grad_scale: float = 1.0 / n if reduction == "mean" and n > 0 else 1.0
-
     if gamma == 0.0:
         # Bayesian BCE: no modulating factor, so q and its derivative are never needed.
-        return _bce_terms(x, t, ce, log_p, e, h, alpha, reduction, grad_scale, want_grad_x, want_grad_s, want_plain)
+        return _bce_terms(
+            x, t, ce, log_p, e, r, r_grad, alpha, reduction, grad_scale, want_grad_x, want_grad_s, want_plain
+        )
 
+    p, pn, q, log_q = _log_q(x, t, u, ce, log_p)
+    focus = gamma * e if form.scaled_focus else gamma  # γ·σ⁻² (Eq. 16) or the plain γ
+    c = (log_q * focus).exp_()
+    plain: Tensor | None = None
+    if want_plain:
+        plain = c.mul(ce) if not form.scaled_focus else (log_q * gamma).exp_().mul_(ce)
+    at = _alpha_t(t, alpha)
+    if at is not None:
+        c.mul_(at)
+        if plain is not None:
+            plain.mul_(at)
+    if form.scaled_focus:
+        c.mul_(torch.exp(-0.5 * gamma * s))  # σ^(−γ), log σ = s/2
+    a = ce.mul_(e).add_(r)
+    loss = c * a
+
+    grad_x = grad_s = None
+    if want_grad_x:
+        grad_x = _d_log_q(t, u, p, pn, q).mul_(loss).mul_(focus)
+        grad_x.add_(p.sub_(t).mul_(c).mul_(e))
+        grad_x.mul_(grad_scale)
+    if want_grad_s:
+        w = log_q.mul_(gamma * e).add_(1.0 + 0.5 * gamma) if form.scaled_focus else torch.ones_like(loss)
+        if reduction == "none":
+            grad_s = c.mul_(r + r_grad).sub_(w.mul_(loss))
+        else:
+            grad_s = ((r + r_grad) * c.sum() - torch.dot(loss.reshape(-1), w.reshape(-1))) * grad_scale
+    return reduce(loss, reduction), grad_x, grad_s, plain
+
+
+def _log_q(x: Tensor, t: Tensor, u: Tensor, ce: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """p = σ(x), σ(−x), q = 1 − p_t and log q, stable where q underflows (``log_p`` is consumed)."""
     p = log_p.exp()
     pn = log_p.sub_(x).exp_()  # σ(−x) taken directly: 1 − p would cancel for easy positives
     q = u * p
@@ -104,36 +139,15 @@ def _focal_terms(
     torch.maximum(log_q, log_q_hard, out=log_q)
     # q <= 1 only up to rounding, and a log q of +1e-7 times σ⁻² = 5e8 (s = −20) would overflow exp.
     log_q.clamp_max_(0.0)
-    modulating = (log_q * (gamma * e)).exp_()
-    c = modulating
-    at = _alpha_t(t, alpha)
-    if at is not None:
-        c.mul_(at)
-    c.mul_(torch.exp(-gamma * h))  # σ^(−γ)
-    plain: Tensor | None = None
-    if want_plain:
-        plain = (log_q * gamma).exp_().mul_(ce)
-        if at is not None:
-            plain.mul_(at)
-    a = ce.mul_(e).add_(h)
-    loss = c * a
+    return p, pn, q, log_q
 
-    grad_x = grad_s = None
-    if want_grad_x:
-        d_log_q = u * pn
-        d_log_q.addcmul_(t, p, value=-1.0)
-        soft = (u * t).mul_(p - pn).div_(q.clamp_min_(torch.finfo(q.dtype).tiny))
-        d_log_q.add_(soft)
-        grad_x = d_log_q.mul_(loss).mul_(gamma)
-        grad_x.add_(p.sub_(t).mul_(c))
-        grad_x.mul_(e * grad_scale)
-    if want_grad_s:
-        w = log_q.mul_(gamma * e).add_(1.0 + 0.5 * gamma)
-        if reduction == "none":
-            grad_s = c.mul_(h + 0.5).sub_(w.mul_(loss))
-        else:
-            grad_s = ((h + 0.5) * c.sum() - torch.dot(loss.reshape(-1), w.reshape(-1))) * grad_scale
-    return reduce(loss, reduction), grad_x, grad_s, plain
+
+def _d_log_q(t: Tensor, u: Tensor, p: Tensor, pn: Tensor, q: Tensor) -> Tensor:
+    """d log q / dx in the form that stays exact for hard targets where q underflows (``q`` is clamped)."""
+    d_log_q = u * pn
+    d_log_q.addcmul_(t, p, value=-1.0)
+    soft = (u * t).mul_(p - pn).div_(q.clamp_min_(torch.finfo(q.dtype).tiny))
+    return d_log_q.add_(soft)
 
 
 def _bce_terms(
@@ -142,7 +156,8 @@ def _bce_terms(
     ce: Tensor,
     log_p: Tensor,
     e: Tensor,
-    h: Tensor,
+    r: Tensor,
+    r_grad: Tensor,
     alpha: float,
     reduction: str,
     grad_scale: float,
@@ -151,13 +166,13 @@ def _bce_terms(
     want_plain: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """:func:`_focal_terms` for γ = 0 (Eq. 16 without the modulating factor, the Bayesian BCE): loss
-    α_t·(e·CE + h), d/dx = α_t·e·(p − t), d/ds = α_t·(h + 1/2) − loss. ``ce`` and ``log_p`` are consumed."""
+    α_t·(e·CE + r), d/dx = α_t·e·(p − t), d/ds = α_t·(r + r') − loss. ``ce`` and ``log_p`` are consumed."""
     n = x.numel()
     at = _alpha_t(t, alpha)
     plain = None
     if want_plain:
         plain = ce * at if at is not None else ce.clone()
-    loss = ce.mul_(e).add_(h)
+    loss = ce.mul_(e).add_(r)
     if at is not None:
         loss.mul_(at)
     grad_x = grad_s = None
@@ -168,9 +183,9 @@ def _bce_terms(
     if want_grad_s:
         c_sum: Tensor | float = at.sum() if at is not None else float(n)
         if reduction == "none":
-            grad_s = (at if at is not None else torch.ones_like(loss)) * (h + 0.5) - loss
+            grad_s = (at if at is not None else torch.ones_like(loss)) * (r + r_grad) - loss
         else:
-            grad_s = ((h + 0.5) * c_sum - loss.sum()) * grad_scale
+            grad_s = ((r + r_grad) * c_sum - loss.sum()) * grad_scale
     return reduce(loss, reduction), grad_x, grad_s, plain
 
 
@@ -200,9 +215,10 @@ class _FocalFunction(torch.autograd.Function):
         want_grad_x: bool,
         want_grad_s: bool,
         want_plain: bool,
+        form: BayesianForm,
     ) -> tuple[Tensor, Tensor]:
         loss, grad_x, grad_s, plain = _focal_terms(
-            logits, targets, log_var, alpha, gamma, reduction, want_grad_x, want_grad_s, want_plain
+            logits, targets, log_var, alpha, gamma, reduction, want_grad_x, want_grad_s, want_plain, form
         )
         ctx.reduced = reduction != "none"
         ctx.save_for_backward(grad_x, grad_s)
@@ -219,7 +235,7 @@ class _FocalFunction(torch.autograd.Function):
             gx = grad_x * grad_out
         if ctx.needs_input_grad[2] and grad_s is not None:
             gs = grad_s * grad_out if ctx.reduced else (grad_s * grad_out).sum()
-        return gx, None, gs, None, None, None, None, None, None
+        return gx, None, gs, None, None, None, None, None, None, None
 
 
 def _check_focal_args(logits: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
@@ -239,7 +255,14 @@ def _check_focal_args(logits: Tensor, targets: Tensor, alpha: float, gamma: floa
 
 
 def _focal_with_plain(
-    logits: Tensor, targets: Tensor, s: Tensor, alpha: float, gamma: float, reduction: str, want_plain: bool
+    logits: Tensor,
+    targets: Tensor,
+    s: Tensor,
+    alpha: float,
+    gamma: float,
+    reduction: str,
+    want_plain: bool,
+    form: BayesianForm = PAPER,
 ) -> tuple[Tensor, Tensor]:
     grad_on = torch.is_grad_enabled()
     return _FocalFunction.apply(
@@ -252,11 +275,14 @@ def _focal_with_plain(
         grad_on and logits.requires_grad,
         grad_on and s.requires_grad,
         want_plain,
+        form,
     )
 
 
-def _focal(logits: Tensor, targets: Tensor, s: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
-    return _focal_with_plain(logits, targets, s, alpha, gamma, reduction, False)[0]
+def _focal(
+    logits: Tensor, targets: Tensor, s: Tensor, alpha: float, gamma: float, reduction: str, form: BayesianForm = PAPER
+) -> Tensor:
+    return _focal_with_plain(logits, targets, s, alpha, gamma, reduction, False, form)[0]
 
 
 def bayesian_focal_loss_and_plain(
@@ -265,13 +291,16 @@ def bayesian_focal_loss_and_plain(
     log_var: float | Tensor,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    form: str = "paper",
 ) -> tuple[Tensor, Tensor]:
-    """Elementwise (Eq. 16, Eq. 7): the Bayesian focal loss and, detached, the plain focal loss at σ = 1.
+    """Elementwise (Eq. 16, Eq. 7): the Bayesian focal loss in ``form`` (losses/bayesian_form.py) and,
+    detached, the plain focal loss at σ = 1.
 
     One pass computes both; with ``gamma = 0`` and ``alpha < 0`` they are the Bayesian BCE and the BCE.
     """
     targets = _check_focal_args(logits, targets, alpha, gamma, "none")
-    return _focal_with_plain(logits, targets, as_log_var(log_var, logits), alpha, gamma, "none", True)
+    s = as_log_var(log_var, logits)
+    return _focal_with_plain(logits, targets, s, alpha, gamma, "none", True, form_of(form))
 
 
 def sigmoid_focal_loss(
@@ -305,8 +334,10 @@ def bayesian_focal_loss(
     alpha: float = 0.25,
     gamma: float = 2.0,
     reduction: str = "none",
+    form: str = "paper",
 ) -> Tensor:
-    """Bayesian focal loss, Eq. 16, Khanzhina et al.:
+    """Bayesian focal loss, Eq. 16, Khanzhina et al. (``form`` "paper"; the other forms of
+    losses/bayesian_form.py change its focusing factor or its regulariser):
 
         BFL = α_t · [σ⁻¹ · (1 − p_t)^(σ⁻²)]^γ · (σ⁻²·CE + log σ),   σ² = exp(s)
 
@@ -320,9 +351,10 @@ def bayesian_focal_loss(
         alpha: α of α_t; any negative value switches class balancing off.
         gamma: focusing exponent γ ≥ 0.
         reduction: "none", "sum" or "mean".
+        form: a row of ``BAYESIAN_FORMS``.
     """
     targets = _check_focal_args(logits, targets, alpha, gamma, reduction)
-    return _focal(logits, targets, as_log_var(log_var, logits), alpha, gamma, reduction)
+    return _focal(logits, targets, as_log_var(log_var, logits), alpha, gamma, reduction, form_of(form))
 
 
 def bayesian_binary_cross_entropy(
@@ -344,15 +376,17 @@ def bayesian_cross_entropy(
     targets: Tensor,
     log_var: float | Tensor,
     reduction: str = "none",
+    form: str = "paper",
 ) -> Tensor:
-    """Kendall's Bayesian softmax cross-entropy, exp(−s)·CE + s/2 (classification term of Eq. 5,
-    Khanzhina et al., section 2.1; log σ = s/2 and 1/σ² = exp(−s)).
+    """Kendall's Bayesian softmax cross-entropy, exp(−s)·CE + r(s) (classification term of Eq. 5, Khanzhina
+    et al., section 2.1; r = log σ = s/2 in the paper form, log(1 + σ²) in the Liebel forms).
 
     Args:
         logits: [N, C] float scores.
         targets: [N] integer class indices in [0, C) (no ignore index).
         log_var: s = log σ², a float or a 0-dim tensor.
         reduction: "none" ([N]), "sum" or "mean".
+        form: a row of ``BAYESIAN_FORMS`` (only its regulariser matters here).
     """
     check_reduction(reduction)
     check_float("logits", logits)
@@ -368,4 +402,4 @@ def bayesian_cross_entropy(
             raise ValueError(f"targets must lie in [0, {logits.shape[1]})")
     s = as_log_var(log_var, logits)
     ce = F.cross_entropy(logits, targets.long(), reduction="none")
-    return reduce(torch.exp(-s) * ce + 0.5 * s, reduction)
+    return reduce(torch.exp(-s) * ce + regulariser(s, form_of(form)), reduction)

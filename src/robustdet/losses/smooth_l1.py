@@ -30,6 +30,7 @@ from robustdet.losses._reduction import (
     finite_checks_enabled,
     reduce,
 )
+from robustdet.losses.bayesian_form import form_of, regulariser
 
 __all__ = ["bayesian_smooth_l1_loss", "log_tau", "smooth_l1_loss"]
 
@@ -81,6 +82,7 @@ def bayesian_smooth_l1_loss(
     log_var: float | Tensor,
     beta: float = 0.1,
     reduction: str = "none",
+    form: str = "paper",
 ) -> Tensor:
     """Bayesian smooth L1, Eq. 14, Khanzhina et al., elementwise on ε = |input − target|:
 
@@ -97,6 +99,8 @@ def bayesian_smooth_l1_loss(
         log_var: s = log σ², a float (a constant) or a 0-dim tensor (its gradient is computed).
         beta: c > 0, the L2-to-L1 threshold (detectron2's RetinaNet uses 0.1).
         reduction: "none", "sum" or "mean".
+        form: a row of ``BAYESIAN_FORMS``: "paper" adds log σ (Eq. 14), the Liebel forms log(1 + σ²)
+            (losses/bayesian_form.py); the Gaussian core and the Laplace tail are Eq. 14's in every form.
     """
     target = _check_pair(input, target, reduction)
     if not (math.isfinite(beta) and beta > 0.0):
@@ -108,4 +112,4 @@ def bayesian_smooth_l1_loss(
     inv_var = torch.exp(-s)
     quadratic = 0.5 * inv_var * err.square()
     tail = (1.0 - err / beta) * log_tau(s, beta) + (0.5 * beta * beta) * inv_var
-    return reduce(torch.where(err < beta, quadratic, tail) + 0.5 * s, reduction)
+    return reduce(torch.where(err < beta, quadratic, tail) + regulariser(s, form_of(form)), reduction)

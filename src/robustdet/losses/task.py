@@ -12,7 +12,8 @@ the Bayesian form, or between the box losses, themselves:
 |         | L1 / smooth L1 (Eq. 6) on deltas, or GIoU on | the last dimension                                 |
 |         | decoded boxes; per box                       |                                                    |
 
-(Khanzhina et al.'s equation numbers.) A Bayesian call also returns the *plain* loss at σ = 1,
+(Khanzhina et al.'s equation numbers; ``loss.bayesian_form`` picks a row of losses/bayesian_form.py, whose
+"paper" row is the table's.) A Bayesian call also returns the *plain* loss at σ = 1,
 detached: the measure that the multi-scale weightings take of each level (equations.md, "Bayesian losses
 with AVW / RLO"). For the focal loss it comes out of the same pass; a plain call returns None for it.
 """
@@ -55,15 +56,19 @@ def task_loss(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor | No
     if kind == "focal":
         if log_var is None:
             return TaskLoss(sigmoid_focal_loss(pred, target, alpha=loss.focal_alpha, gamma=loss.focal_gamma), None)
-        return TaskLoss(*bayesian_focal_loss_and_plain(pred, target, log_var, loss.focal_alpha, loss.focal_gamma))
+        return TaskLoss(*bayesian_focal_loss_and_plain(
+            pred, target, log_var, loss.focal_alpha, loss.focal_gamma, form=loss.bayesian_form
+        ))
     if kind == "bce":
         if log_var is None:
             return TaskLoss(F.binary_cross_entropy_with_logits(pred, target, reduction="none"), None)
-        return TaskLoss(*bayesian_focal_loss_and_plain(pred, target, log_var, alpha=-1.0, gamma=0.0))
+        return TaskLoss(*bayesian_focal_loss_and_plain(
+            pred, target, log_var, alpha=-1.0, gamma=0.0, form=loss.bayesian_form
+        ))
     if kind == "ce":
         if log_var is None:
             return TaskLoss(F.cross_entropy(pred, target, reduction="none"), None)
-        value = bayesian_cross_entropy(pred, target, log_var)
+        value = bayesian_cross_entropy(pred, target, log_var, form=loss.bayesian_form)
         with torch.no_grad():
             plain = F.cross_entropy(pred, target, reduction="none")
         return TaskLoss(value, plain)
@@ -73,7 +78,7 @@ def task_loss(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor | No
         if box_loss_row(loss).decoded:  # the config refuses it; a direct call gets the reason
             raise ValueError(f"loss.box_loss={loss.box_loss} has no Bayesian form (Eq. 14 is on deltas)")
         beta = box_beta(loss)
-        value = bayesian_smooth_l1_loss(pred, target, log_var, beta=beta, reduction="none").sum(dim=-1)
+        value = bayesian_smooth_l1_loss(pred, target, log_var, beta=beta, form=loss.bayesian_form).sum(dim=-1)
         with torch.no_grad():
             plain = smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=-1)
         return TaskLoss(value, plain)
