@@ -245,6 +245,22 @@ def test_a_cell_folder_with_another_config_is_refused(swept, capsys):
     assert (out / "summary.csv").read_text() == before
 
 
+def test_a_cell_trained_before_an_option_existed_is_still_this_cells_run(swept, capsys):
+    """A key added to the config since a cell ran (here loss.bayesian_form and
+    train.optimizer.log_var_warmup, at their defaults) is missing from its config.yaml: still the same run."""
+    tmp, done = swept
+    out = tmp / "older"
+    shutil.copytree(done, out)
+    path = out / NAMES[0] / "config.yaml"
+    text = path.read_text()
+    older = "\n".join(x for x in text.splitlines() if "bayesian_form:" not in x and "log_var_warmup:" not in x)
+    assert older != text
+    path.write_text(older + "\n")
+    capsys.readouterr()
+    assert main(["sweep", CONFIG, *GRID, "--out", str(out), *_tiny(tmp)]) == 0
+    assert f"[sweep 1/4] {NAMES[0]}: done, skipped" in capsys.readouterr().out
+
+
 def test_a_diverged_cell_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
     from robustdet.config import config_to_yaml
     from robustdet.engine import trainer

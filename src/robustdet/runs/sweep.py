@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+from pydantic import ValidationError
 
 from robustdet.engine.evaluator import METRIC_NAMES
 from robustdet.errors import ConfigError, TrainingDiverged
@@ -80,6 +81,10 @@ def check_cell_config(cell: Cell, cell_dir: Path) -> None:
     except ConfigError as exc:
         raise ConfigError(f"{exc}; delete the cell folder to run it again") from None
     new = cell.cfg.model_dump(mode="json")
+    # an option added since the run was trained is absent from its config.yaml: read it with the defaults
+    # filled in, so that a new key at its default does not make every earlier cell "another config"
+    with contextlib.suppress(ValidationError):
+        old = type(cell.cfg).model_validate(old).model_dump(mode="json")
     old_flat, new_flat = result_config(old), result_config(new)
     if old.get("seed") != new.get("seed"):
         old_flat["seed"], new_flat["seed"] = old.get("seed"), new.get("seed")
