@@ -210,6 +210,22 @@ def test_flipping_a_single_category_is_an_error():
         apply_label_noise(data, LabelNoiseConfig(class_flip=0.1))
 
 
+def test_box_jitter_classes_moves_only_those_classes_boxes():
+    data = _coco(400)
+    cls = CATEGORY_IDS[1]
+    noisy, report = apply_label_noise(data, LabelNoiseConfig(box_jitter=0.2, box_jitter_classes=[cls], seed=3))
+    old, new = _by_id(data), _by_id(noisy)
+    moved = {i for i in old if old[i]["bbox"] != new[i]["bbox"]}
+    of_class = {i for i, a in old.items() if a["category_id"] == cls and not a["iscrowd"]}
+    assert moved == of_class and len(moved) > 50
+    assert sorted(report["changed"]["box_jitter"]) == sorted(moved)
+    everything, _ = apply_label_noise(data, LabelNoiseConfig(box_jitter=0.2, seed=3))
+    for i in moved:  # the same draws as the all-class jitter: only the selection differs
+        assert new[i]["bbox"] == _by_id(everything)[i]["bbox"]
+    with pytest.raises(ConfigError, match=r"box_jitter_classes: category id\(s\) \[999\] are not in dataset"):
+        apply_label_noise(data, LabelNoiseConfig(box_jitter=0.2, box_jitter_classes=[999]))
+
+
 def test_noise_command_end_to_end(tmp_path, capsys):
     src = tmp_path / "train.json"
     src.write_text(json.dumps(_coco(1000), indent=1))

@@ -179,6 +179,10 @@ def test_sweep_writes_cells_and_summary(swept):
         assert float(r["sigma_cls"]) == pytest.approx(math.exp(last["loss/log_var/cls"] / 2), abs=1e-6)
         assert float(r["sigma_reg"]) == pytest.approx(math.exp(last["loss/log_var/reg"] / 2), abs=1e-6)
         assert r["status"] == "done" and float(r["wall_s"]) > 0 and r["resumed"] == "False"
+        # the machine it trained on (engine/machine.py): CPU model, threads, torch version
+        starts = json.loads((cell / "machine.json").read_text())["starts"]
+        assert [s["start_iter"] for s in starts] == [0] and starts[0]["torch"] == torch.__version__
+        assert r["machine"] == f"{starts[0]['cpu']}, {starts[0]['threads']} threads, torch {torch.__version__}"
         assert json.loads((cell / "cell.json").read_text())["labels"] == {
             "weighting.name": r["weighting.name"], "loss.bayesian": "true"}
 
@@ -226,6 +230,8 @@ def test_a_sweep_resumes_and_skips_finished_cells(swept, capsys):
     assert {p: (p / "metrics.json").stat().st_mtime_ns for p in finished} == before
     assert [r["cell"] for r in _rows(out)] == NAMES
     assert [r["resumed"] for r in _rows(out)] == ["False", "False", "True", "False"]
+    starts = json.loads((resume / "machine.json").read_text())["starts"]
+    assert [s["start_iter"] for s in starts][0] == 0 and starts[-1]["start_iter"] > 0  # a record per start
     # both cut cells end exactly where the uninterrupted sweep did
     for name in (NAMES[1], NAMES[2]):
         a = torch.load(done / name / "checkpoints" / "last.pt", weights_only=True)["model"]

@@ -39,6 +39,9 @@ class LabelNoiseConfig(Section):
     flip_mode: Literal["uniform", "pairs"] = "uniform"
     # r: each edge moves by U(-r, r) times the box's width (x edges) or height (y edges)
     box_jitter: float = Field(0.0, ge=0, le=1)
+    # the category ids whose boxes are jittered (None: every box): noise on one class only, to see whether
+    # a per-box σ picks out that class (issue 16 §3)
+    box_jitter_classes: list[int] | None = None
     # probability that a box is removed
     drop: float = Field(0.0, ge=0, le=1)
     # expected number of added boxes per existing box (each box spawns one with this probability)
@@ -146,6 +149,9 @@ def _jitter(cfg: LabelNoiseConfig, b: _Boxes, kept: np.ndarray) -> tuple[np.ndar
     """Which boxes moved, every box after the jitter, and the sum over moved boxes of |edge shifts| / side."""
     if cfg.box_jitter <= 0:
         return np.zeros(len(b.ids), dtype=bool), b.boxes, 0.0
+    if cfg.box_jitter_classes is not None:
+        labels = [b.categories.index(c) for c in cfg.box_jitter_classes]
+        kept = kept & np.isin(b.labels, labels)
     d = cfg.box_jitter * (2 * _uniforms(cfg.seed, "box_jitter", b.ids, 4) - 1)
     x, y, w, h = b.boxes.T
     x1, x2 = _jitter_axis(x, x + w, d[:, 0], d[:, 1], b.image_wh[:, 0])
@@ -241,7 +247,8 @@ def apply_label_noise(
     2. class_flip: a kept box changes class with probability ``class_flip``, to a uniformly drawn other
        class (``uniform``) or to its fixed partner (``pairs``, see ``flip_partners``);
     3. box_jitter: each edge of a kept box moves by U(-r, r) times the box's width (left, right) or
-       height (top, bottom), then the box is clipped to the image, keeping at least 1 px a side;
+       height (top, bottom), then the box is clipped to the image, keeping at least 1 px a side; with
+       ``box_jitter_classes`` only the boxes of those category ids (the others keep their boxes);
     4. spurious: with probability ``spurious`` the annotation (dropped or not) spawns a new box in its
        image, of a uniformly drawn class, with the width and height of a uniformly drawn annotation of
        the dataset (shrunk to the image if larger), placed uniformly inside the image. New ids follow
@@ -258,6 +265,12 @@ def apply_label_noise(
         )
     partners = flip_partners(num_classes) if cfg.flip_mode == "pairs" and num_classes >= 2 else None
     b = _Boxes.of(data)
+    unknown = sorted(set(cfg.box_jitter_classes or ()) - set(b.categories))
+    if unknown:
+        raise ConfigError(
+            f"label_noise.box_jitter_classes: category id(s) {unknown} are not in {source} "
+            f"(its categories: {b.categories})"
+        )
     dropped = _uniforms(cfg.seed, "drop", b.ids, 1)[:, 0] < cfg.drop if cfg.drop > 0 else np.zeros(len(b.ids), bool)
     flipped, labels = _flips(cfg, b, ~dropped, partners)
     jittered, boxes, shift = _jitter(cfg, b, ~dropped)

@@ -32,6 +32,7 @@ from robustdet.engine.checkpoint import Checkpointer
 from robustdet.engine.console import Progress, make_progress, start_summary, warn
 from robustdet.engine.corrupt import note_corrupt
 from robustdet.engine.diagnostics import LogVarRangeWatch, nonfinite_report
+from robustdet.engine.machine import record_machine
 from robustdet.engine.optim import build_optimizer
 from robustdet.engine.periodic_eval import PeriodicEval
 from robustdet.engine.plan import RunPlan, make_plan
@@ -196,6 +197,7 @@ class Trainer:
                 val_set=self.val_set, plan=self.plan, out_dir=self.out_dir,
             ))  # fmt: skip
             write_run_files(self.out_dir, self.cfg, self.train_set.label_noise)
+            record_machine(self.out_dir, self.device, self.state.start_iter)
 
     def _loop(self) -> dict[str, Any] | None:
         """Iterations from the checkpoint (or 0) to ``train.max_iter``, then the final checkpoint and eval."""

@@ -21,8 +21,9 @@ coordinate. Two parts of it decide what happens when s = log σ² is free to con
 | fixed_focus_liebel   | q^γ                    | log(1 + σ²)   | both changes                              |
 
 The box loss (Eq. 14) and the softmax / binary CE of Faster R-CNN take only r(s) from the form: they have no
-focusing factor. Every form equals the plain loss at σ = 1 only up to r(0) (0 for log σ, log 2 for
-log(1 + σ²)): a constant in the network's weights, so the gradients at s = 0 are the plain ones.
+focusing factor. At σ = 1 the log σ forms are the plain losses. The Liebel forms add r(0) = log 2: a
+constant in the network's weights for the box loss and the CE, but under the focal loss's focusing factor
+it becomes log 2 · α_t · q^γ, which the logits do feel (it pulls every q down, like a second focal term).
 """
 
 from __future__ import annotations

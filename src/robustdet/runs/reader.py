@@ -148,6 +148,21 @@ def read_cell(run_dir: str | Path) -> dict[str, Any]:
         return {}
 
 
+def read_machine(run_dir: str | Path) -> str:
+    """The machine(s) the run trained on, one line ("AMD EPYC 7B13, 1 threads, torch 2.14.1"; the distinct
+    starts joined by " + "), from ``machine.json`` (engine/machine.py); "" for a run that has none."""
+    try:
+        starts = json.loads((Path(run_dir) / "machine.json").read_text()).get("starts", [])
+    except (OSError, ValueError, AttributeError):
+        return ""
+    labels: list[str] = []
+    for s in starts:
+        text = f"{s.get('gpu') or s.get('cpu', '?')}, {s.get('threads', '?')} threads, torch {s.get('torch', '?')}"
+        if text not in labels:
+            labels.append(text)
+    return " + ".join(labels)
+
+
 # ------------------------------------------------------------------------------------------------ the runs
 def load_run(run_dir: str | Path) -> Run:
     """A finished run directory (``config.yaml``, ``metrics.json``; ``log.jsonl``, ``eval.jsonl``, a sweep's

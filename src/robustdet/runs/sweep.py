@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from robustdet.engine.evaluator import METRIC_NAMES
 from robustdet.errors import ConfigError, TrainingDiverged
 from robustdet.files import write_json_atomic, write_text_atomic
-from robustdet.runs.reader import read_cell, read_config, read_final_sigmas, read_metrics
+from robustdet.runs.reader import read_cell, read_config, read_final_sigmas, read_machine, read_metrics
 from robustdet.runs.settings import result_config
 from robustdet.runs.sweep_spec import Cell, SweepSpec, grid_keys, override_text
 
@@ -146,6 +146,7 @@ def summary_row(cell: Cell, cell_dir: Path) -> dict[str, Any] | None:
         row.update({f"sigma_{t}": round(s, 6) for t, s in sigmas.items()})
     wall = info.get("wall_s")
     row["wall_s"] = round(float(wall), 1) if wall is not None else ""
+    row["machine"] = read_machine(cell_dir)
     row["resumed"] = info.get("resumed", "")
     return row
 
@@ -155,7 +156,7 @@ def write_summary(out: Path, cells: list[Cell]) -> Path:
     rows = [r for r in (summary_row(c, out / c.name) for c in cells) if r is not None]
     axes = list(dict.fromkeys(k for c in cells for k in c.labels))
     sigmas = list(dict.fromkeys(k for r in rows for k in r if k.startswith("sigma_")))
-    fields = ["cell", *axes, "seed", "status", *METRIC_NAMES, *sigmas, "wall_s", "resumed"]
+    fields = ["cell", *axes, "seed", "status", *METRIC_NAMES, *sigmas, "wall_s", "resumed", "machine"]
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=fields, restval="")
     writer.writeheader()
