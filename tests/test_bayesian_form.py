@@ -3,6 +3,7 @@ its formula (loss, d/dx, d/ds), the forms at σ = 1, the config key, and the war
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from robustdet.cli import main
 from robustdet.engine.schedule import build_scheduler, lr_factor
 from robustdet.losses import (
     LossConfig,
@@ -20,6 +22,7 @@ from robustdet.losses import (
     task_loss,
 )
 from robustdet.losses.bayesian_form import BAYESIAN_FORMS, regulariser_at_zero
+from tests.conftest import REPO
 
 FORMS = list(BAYESIAN_FORMS)
 
@@ -31,10 +34,8 @@ def _ref_focal(x, t, s, alpha, gamma, form):
     ce = -(t * torch.log(p) + (1 - t) * torch.log(1 - p))
     q = 1 - (p * t + (1 - p) * (1 - t))
     var = torch.exp(s)
-    if row.scaled_focus:
-        factor = (var.rsqrt() * q ** (1 / var)) ** gamma  # [σ⁻¹ q^(σ⁻²)]^γ, Eq. 16
-    else:
-        factor = q**gamma
+    # [σ⁻¹ q^(σ⁻²)]^γ (Eq. 16), or the focal loss's own q^γ
+    factor = (var.rsqrt() * q ** (1 / var)) ** gamma if row.scaled_focus else q**gamma
     reg = torch.log1p(var) if row.liebel else torch.log(var.sqrt())
     at = alpha * t + (1 - alpha) * (1 - t) if alpha >= 0 else torch.ones_like(t)
     return at * factor * (ce / var + reg)
@@ -150,3 +151,31 @@ def test_log_var_warmup_holds_only_the_log_var_group_still():
         assert lr_s == (0.0 if it < 6 else pytest.approx(0.5 * lr_factor(it, cfg, 20)))
         opt.step()
         sched.step()
+
+
+def _collapse_run(tmp_path, form):
+    """configs/default.yaml's Bayesian RetinaNet at test scale (tiny body, 64 px, 800 images seen) with s free
+    to converge fast (log_var_lr 0.1): the σ study's setting (log_var_lr 0.02, 8,000 images) in small."""
+    out = tmp_path / form
+    args = ["train", str(REPO / "configs" / "default.yaml"), "--out", str(out), "model.backbone=tiny",
+            "data.synthetic.image_size=64", "model.min_size=64", "model.max_size=64", "data.synthetic.num_train=256",
+            "data.synthetic.num_val=16", f"data.synthetic.cache_dir={tmp_path / 'cache'}", "data.num_workers=0",
+            "train.max_iter=200", "train.batch_size=4", "train.num_threads=1", "eval.period=0", "log.period=50",
+            "log.progress=false", "checkpoint.period=1000", "weighting.name=equal",
+            "train.optimizer.log_var_lr=0.1", f"loss.bayesian_form={form}"]
+    assert main(args) == 0
+    dets = json.loads((out / "detections.json").read_text())
+    s_cls = [r["loss/log_var/cls"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+    return dets, s_cls
+
+
+@pytest.mark.slow
+def test_the_paper_form_collapses_when_s_converges_and_fixed_focus_does_not(tmp_path):
+    """docs/results.md's collapse at test scale: with Eq. 16 as written, s_cls climbs (the focusing exponent
+    γ·σ⁻² falls with it) and no detection is left above the default 0.05 score threshold; the same run with
+    the focal loss's own focusing factor keeps its detections."""
+    dets, s_cls = _collapse_run(tmp_path, "paper")
+    assert s_cls[-1] > 0.9 and s_cls == sorted(s_cls)
+    assert dets == []
+    dets, _ = _collapse_run(tmp_path, "fixed_focus")
+    assert len(dets) > 50

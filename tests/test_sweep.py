@@ -231,7 +231,7 @@ def test_a_sweep_resumes_and_skips_finished_cells(swept, capsys):
     assert [r["cell"] for r in _rows(out)] == NAMES
     assert [r["resumed"] for r in _rows(out)] == ["False", "False", "True", "False"]
     starts = json.loads((resume / "machine.json").read_text())["starts"]
-    assert [s["start_iter"] for s in starts][0] == 0 and starts[-1]["start_iter"] > 0  # a record per start
+    assert starts[0]["start_iter"] == 0 and starts[-1]["start_iter"] > 0  # a record per start
     # both cut cells end exactly where the uninterrupted sweep did
     for name in (NAMES[1], NAMES[2]):
         a = torch.load(done / name / "checkpoints" / "last.pt", weights_only=True)["model"]
