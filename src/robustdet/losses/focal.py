@@ -12,6 +12,18 @@ Elementwise, with logit x, target t in [0, 1], s = log σ² and p = sigmoid(x):
 With s = 0 this is the focal loss FL = α_t · q^γ · CE of RetinaNet (Lin et al.), which is what
 :func:`sigmoid_focal_loss` computes.
 
+The gradients, computed in the forward pass, with e = σ⁻² = exp(−s), r = r(s) the form's regulariser
+(log σ = s/2, or log(1 + σ²); losses/bayesian_form.py), g = 1 with Eq. 16's scaled focusing and 0 with the
+fixed one, M = σ^(−gγ)·q^(γ·e^g), C = α_t·M, A = e·CE + r, so that loss = C·A:
+
+    d log q / dx = [(1 − t)·σ(x)·σ(−x) − t·σ(x)·σ(−x)] / q
+                 = (1 − t)·σ(−x) − t·σ(x) + t(1 − t)·(σ(x) − σ(−x)) / q
+    d loss / dx  = γ·e^g·loss·(d log q / dx) + e·C·(p − t)
+    d loss / ds  = C·(r + r') − loss·(1 + g·(γ/2 + γ·e·log q))
+
+The second form of d log q / dx is exact for hard targets even where q underflows to 0: the soft-target
+term is multiplied by t(1 − t) = 0 there.
+
 Everything is computed from log-sigmoids of the logits, never as log(sigmoid(x)): log q is
 ``log((1 − t)·σ(x) + t·σ(−x))`` with both sigmoids taken directly (so no 1 − p cancellation), and where
 that underflows (|x| ≳ 87 in float32) the exact hard-target value ``(1 − 2t)·x − CE`` takes over. The
@@ -63,24 +75,12 @@ def _focal_terms(
     form: BayesianForm = PAPER,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Loss (reduced), d(loss)/dx and d(loss)/ds of Eq. 16 in the ``form`` (losses/bayesian_form.py),
-    computed together in one forward call.
+    computed together in one forward call (the derivation is in the module docstring).
 
     With ``want_plain`` also the plain loss at σ = 1 (the focal loss, Eq. 7), elementwise: the measure the
     multi-scale weightings take of a Bayesian detector (equations.md, "Bayesian losses with AVW / RLO"),
-    from the CE and log q this pass computes anyway, for three extra elementwise operations.
-
-    The gradients are those of the *reduced* loss for "sum"/"mean" (so backward only multiplies by the
-    incoming scalar) and elementwise for "none". Derivation, with e = σ⁻² = exp(−s), r = r(s) the form's
-    regulariser (log σ = s/2, or log(1 + σ²)), g = 1 with Eq. 16's scaled focusing and 0 with the fixed one,
-    M = σ^(−gγ)·q^(γ·e^g), C = α_t·M, A = e·CE + r, so that loss = C·A:
-
-        d log q / dx = [(1 − t)·σ(x)·σ(−x) − t·σ(x)·σ(−x)] / q
-                     = (1 − t)·σ(−x) − t·σ(x) + t(1 − t)·(σ(x) − σ(−x)) / q
-        d loss / dx  = γ·e^g·loss·(d log q / dx) + e·C·(p − t)
-        d loss / ds  = C·(r + r') − loss·(1 + g·(γ/2 + γ·e·log q))
-
-    The second form of d log q / dx is exact for hard targets even where q underflows to 0: the
-    soft-target term is multiplied by t(1 − t) = 0 there.
+    from the CE and log q this pass computes anyway. The gradients are those of the *reduced* loss for
+    "sum"/"mean" (so backward only multiplies by the incoming scalar) and elementwise for "none".
     """
     e = torch.exp(-s)
     r, r_grad = regulariser(s, form), regulariser_grad(s, form)
@@ -88,8 +88,7 @@ def _focal_terms(
     log_p = F.logsigmoid(x)
     ce = u * x
     ce.sub_(log_p)  # softplus(x) − t·x, the stable BCE with logits
-    n = x.numel()
-    grad_scale: float = 1.0 / n if reduction == "mean" and n > 0 else 1.0
+    grad_scale: float = 1.0 / x.numel() if reduction == "mean" and x.numel() > 0 else 1.0
     if gamma == 0.0:
         # Bayesian BCE: no modulating factor, so q and its derivative are never needed.
         return _bce_terms(
@@ -99,9 +98,7 @@ def _focal_terms(
     p, pn, q, log_q = _log_q(x, t, u, ce, log_p)
     focus = gamma * e if form.scaled_focus else gamma  # γ·σ⁻² (Eq. 16) or the plain γ
     c = (log_q * focus).exp_()
-    plain: Tensor | None = None
-    if want_plain:
-        plain = c.mul(ce) if not form.scaled_focus else (log_q * gamma).exp_().mul_(ce)
+    plain = None if not want_plain else c.mul(ce) if not form.scaled_focus else (log_q * gamma).exp_().mul_(ce)
     at = _alpha_t(t, alpha)
     if at is not None:
         c.mul_(at)
