@@ -79,7 +79,8 @@ def build_three(
     section = {k: getattr(bench, k) for k in COMMON_KEYS} | {"name": name, "score_thresh": score_thresh}
     if name != "fcos":
         section["anchor_sizes"] = bench.anchor_sizes
-    loss = {"box_loss": {"retinanet": "l1", "fcos": "giou", "faster_rcnn": "smooth_l1"}[name]}
+    # inference does not read the box loss; FCOS's per-box α needs a loss on deltas (l1), not its GIoU default
+    loss = {"box_loss": {"retinanet": "l1", "fcos": "l1", "faster_rcnn": "smooth_l1"}[name]}
     models = {}
     variants: dict[str, dict[str, bool]] = {
         "plain": {}, "bbox_std": {"box_uncertainty": True}, "voting": {"box_uncertainty": True, "var_voting": True}
