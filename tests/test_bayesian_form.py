@@ -122,13 +122,42 @@ def test_softmax_ce_forms(form):
 def test_task_loss_takes_the_configured_form():
     x, t = _inputs(7, False)
     s = torch.tensor(1.5, dtype=torch.float64)
-    for form in FORMS:
+    trained = [f for f in FORMS if not BAYESIAN_FORMS[f].detached]
+    for form in trained:
         cfg = LossConfig(bayesian=True, bayesian_form=form)
         got = task_loss("focal", x.detach(), t, s, cfg).value
         torch.testing.assert_close(got, bayesian_focal_loss(x.detach(), t, s, form=form))
     values = {form: float(task_loss("focal", x.detach(), t, s, LossConfig(bayesian=True, bayesian_form=form))
-                          .value.sum()) for form in FORMS}
-    assert len(set(values.values())) == len(FORMS)  # four different losses
+                          .value.sum()) for form in trained}
+    assert len(set(values.values())) == len(trained)  # four different losses
+
+
+def _kind_inputs(kind):
+    g = torch.Generator().manual_seed(8)
+    if kind in ("focal", "bce"):
+        return torch.randn(40, 3, generator=g, dtype=torch.float64), (torch.rand(40, 3, generator=g) < 0.3).double()
+    if kind == "ce":
+        return torch.randn(40, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (40,), generator=g)
+    return torch.randn(40, 4, generator=g, dtype=torch.float64) * 0.2, torch.zeros(40, 4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["focal", "bce", "ce", "box"])
+def test_detached_trains_the_network_on_the_plain_loss_and_s_on_the_bayesian_one(kind):
+    pred, target = _kind_inputs(kind)
+    cfg = LossConfig(bayesian=True, bayesian_form="detached")
+    p1, s1 = pred.clone().requires_grad_(), torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    out = task_loss(kind, p1, target, s1, cfg)
+    g_pred, g_s = torch.autograd.grad(out.value.sum(), (p1, s1))
+    p2 = pred.clone().requires_grad_()
+    plain = task_loss(kind, p2, target, None, cfg).value
+    (w_pred,) = torch.autograd.grad(plain.sum(), (p2,))
+    torch.testing.assert_close(out.value, plain.detach(), rtol=0, atol=0)  # the value is the plain loss
+    torch.testing.assert_close(out.plain, plain.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(g_pred, w_pred, rtol=1e-12, atol=1e-15)
+    s2 = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    fitted = task_loss(kind, pred, target, s2, LossConfig(bayesian=True, bayesian_form="fixed_focus")).value
+    (w_s,) = torch.autograd.grad(fitted.sum(), (s2,))
+    torch.testing.assert_close(g_s, w_s, rtol=1e-12, atol=1e-12)
 
 
 def test_an_unknown_form_is_refused_with_the_choices():

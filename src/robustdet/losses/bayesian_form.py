@@ -19,6 +19,14 @@ coordinate. Two parts of it decide what happens when s = log σ² is free to con
 | liebel               | [σ⁻¹·q^(σ⁻²)]^γ         | log(1 + σ²)   | Eq. 16's focusing, Liebel's regulariser   |
 | fixed_focus          | q^γ                    | log σ         | Kendall's σ⁻²·L + log σ per anchor        |
 | fixed_focus_liebel   | q^γ                    | log(1 + σ²)   | both changes                              |
+| detached             | q^γ                    | log σ         | s fitted by fixed_focus on the detached   |
+|                      |                        |               | predictions; the network trains on the    |
+|                      |                        |               | plain losses: σ per task is an estimate,  |
+|                      |                        |               | not a weight                              |
+
+The detached form separates the two jobs Eq. 19 gives s: σ per task is still the maximum-likelihood value of
+Eq. 14 / the fixed-focus Eq. 16 given the network's current errors (so it reads the label noise as the paper
+intends), but it no longer re-weights the tasks, so it cannot starve one of them when s converges.
 
 The box loss (Eq. 14) and the softmax / binary CE of Faster R-CNN take only r(s) from the form: they have no
 focusing factor. At σ = 1 the log σ forms are the plain losses. The Liebel forms add r(0) = log 2: a
@@ -38,16 +46,18 @@ from torch import Tensor
 
 __all__ = ["BAYESIAN_FORMS", "BayesianForm", "BayesianFormName", "form_of", "regulariser", "regulariser_grad"]
 
-BayesianFormName = Literal["paper", "liebel", "fixed_focus", "fixed_focus_liebel"]
+BayesianFormName = Literal["paper", "liebel", "fixed_focus", "fixed_focus_liebel", "detached"]
 
 
 @dataclass(frozen=True)
 class BayesianForm:
     """``scaled_focus``: Eq. 16's σ-dependent focusing factor (else the plain q^γ); ``liebel``: r(s) =
-    log(1 + σ²) = softplus(s) (else log σ = s/2)."""
+    log(1 + σ²) = softplus(s) (else log σ = s/2); ``detached``: s is fitted on the detached predictions and
+    the network trains on the plain losses (losses/task.py)."""
 
     scaled_focus: bool
     liebel: bool
+    detached: bool = False
 
 
 BAYESIAN_FORMS: dict[str, BayesianForm] = {
@@ -55,6 +65,7 @@ BAYESIAN_FORMS: dict[str, BayesianForm] = {
     "liebel": BayesianForm(scaled_focus=True, liebel=True),
     "fixed_focus": BayesianForm(scaled_focus=False, liebel=False),
     "fixed_focus_liebel": BayesianForm(scaled_focus=False, liebel=True),
+    "detached": BayesianForm(scaled_focus=False, liebel=False, detached=True),
 }
 
 PAPER = BAYESIAN_FORMS["paper"]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustdet.losses.bayesian_form import form_of
 from robustdet.losses.box import GIOU_EPS, box_beta, box_loss_row, plain_box_loss
 from robustdet.losses.config import LossConfig
 from robustdet.losses.focal import (
@@ -52,33 +53,48 @@ def task_loss(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor | No
     Shapes: "focal" and "bce" elementwise (``pred`` and float ``target`` alike); "ce" ``pred`` [N, C],
     ``target`` [N] class indices, result [N]; "box" ``pred``/``target`` [..., 4] (deltas, or XYXY boxes
     when ``loss.box_loss`` is giou), result [...].
+
+    With the ``detached`` form (losses/bayesian_form.py) the network trains on the plain loss and s on the
+    Bayesian one of the detached predictions: the value is the plain loss, its gradient in ``pred`` the
+    plain one, its gradient in s that of the Bayesian loss.
     """
+    if log_var is None:
+        return TaskLoss(_plain(kind, pred, target, loss), None)
+    if not form_of(loss.bayesian_form).detached:
+        return _bayesian(kind, pred, target, log_var, loss)
+    fitted = _bayesian(kind, pred.detach(), target, log_var, loss).value
+    plain = _plain(kind, pred, target, loss)
+    return TaskLoss(plain + (fitted - fitted.detach()), plain.detach())
+
+
+def _plain(kind: TaskKind, pred: Tensor, target: Tensor, loss: LossConfig) -> Tensor:
     if kind == "focal":
-        if log_var is None:
-            return TaskLoss(sigmoid_focal_loss(pred, target, alpha=loss.focal_alpha, gamma=loss.focal_gamma), None)
-        return TaskLoss(*bayesian_focal_loss_and_plain(
-            pred, target, log_var, loss.focal_alpha, loss.focal_gamma, form=loss.bayesian_form
-        ))
+        return sigmoid_focal_loss(pred, target, alpha=loss.focal_alpha, gamma=loss.focal_gamma)
     if kind == "bce":
-        if log_var is None:
-            return TaskLoss(F.binary_cross_entropy_with_logits(pred, target, reduction="none"), None)
-        return TaskLoss(*bayesian_focal_loss_and_plain(
-            pred, target, log_var, alpha=-1.0, gamma=0.0, form=loss.bayesian_form
-        ))
+        return F.binary_cross_entropy_with_logits(pred, target, reduction="none")
     if kind == "ce":
-        if log_var is None:
-            return TaskLoss(F.cross_entropy(pred, target, reduction="none"), None)
-        value = bayesian_cross_entropy(pred, target, log_var, form=loss.bayesian_form)
+        return F.cross_entropy(pred, target, reduction="none")
+    if kind == "box":
+        return plain_box_loss(pred, target, loss)
+    raise ValueError(f"unknown task loss kind {kind!r}; one of focal, bce, ce, box")
+
+
+def _bayesian(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor, loss: LossConfig) -> TaskLoss:
+    form = loss.bayesian_form
+    if kind == "focal":
+        return TaskLoss(*bayesian_focal_loss_and_plain(pred, target, log_var, loss.focal_alpha, loss.focal_gamma, form))
+    if kind == "bce":
+        return TaskLoss(*bayesian_focal_loss_and_plain(pred, target, log_var, alpha=-1.0, gamma=0.0, form=form))
+    if kind == "ce":
+        value = bayesian_cross_entropy(pred, target, log_var, form=form)
         with torch.no_grad():
             plain = F.cross_entropy(pred, target, reduction="none")
         return TaskLoss(value, plain)
     if kind == "box":
-        if log_var is None:
-            return TaskLoss(plain_box_loss(pred, target, loss), None)
         if box_loss_row(loss).decoded:  # the config refuses it; a direct call gets the reason
             raise ValueError(f"loss.box_loss={loss.box_loss} has no Bayesian form (Eq. 14 is on deltas)")
         beta = box_beta(loss)
-        value = bayesian_smooth_l1_loss(pred, target, log_var, beta=beta, form=loss.bayesian_form).sum(dim=-1)
+        value = bayesian_smooth_l1_loss(pred, target, log_var, beta=beta, form=form).sum(dim=-1)
         with torch.no_grad():
             plain = smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=-1)
         return TaskLoss(value, plain)
