@@ -68,3 +68,16 @@ def test_spearman_of_a_perfect_ranking(box_sigma):
     rng = np.random.default_rng(0)
     err = rng.uniform(0, 0.3, 50)
     assert stats.spearmanr(err * 2 + 0.01, err)[0] == pytest.approx(1.0)
+
+
+def test_forms_study_paired_interval_and_exact_permutation_p():
+    spec = importlib.util.spec_from_file_location("forms_study", REPO / "experiments" / "noise" / "forms_study.py")
+    fs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fs)
+    mean, low, high = fs.paired([1.0, 2.0, 3.0])
+    half = stats.t.ppf(0.975, 2) * 1.0 / np.sqrt(3)  # std of (1, 2, 3) is 1
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    rho, p = fs.permutation_rho([0.0, 0.1, 0.2, 0.3, 0.4], [0.09, 0.11, 0.13, 0.15, 0.17])
+    assert rho == pytest.approx(1.0) and p == pytest.approx(2 / 120)  # the order and its reverse
+    rho, p = fs.permutation_rho([0.0, 0.1, 0.2, 0.3, 0.4], [0.09, 0.13, 0.11, 0.15, 0.17])
+    assert rho == pytest.approx(0.9)
