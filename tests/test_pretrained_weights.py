@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,13 +132,15 @@ def _config(name: str, weights: Path | None, extra: list[str] | tuple[str, ...] 
 
 
 @pytest.fixture(scope="module", params=sorted(DETECTORS))
-def torchvision_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+def torchvision_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """A torchvision R50 detector's weights file (130 to 170 MB), removed once its detector's tests are done."""
     torch.manual_seed(0)
     name = request.param
     model = _torchvision(name)
     path = tmp_path_factory.mktemp(name) / f"{name}_torchvision.pth"
     torch.save(model.state_dict(), path)
-    return name, model, path
+    yield name, model, path
+    path.unlink()
 
 
 def _counted(state: dict[str, Tensor]) -> list[str]:

@@ -43,6 +43,10 @@ RESUME: dict[str, object] = {
     "loss.bayesian": "true",
     "log.tensorboard": "false",
 }
+# The tests that stop a run from inside this process or hand it bad data (Ctrl-C, a truncated last.pt,
+# non-finite steps, corrupt images) need no slow iterations: RESUME on the tiny body, whose checkpoints are
+# under 1 MB where ResNet-18's are 136 MB (weights + AdamW state), and whose runs take a second or two.
+TINY: dict[str, object] = {"model.backbone": "tiny"}
 # the SIGKILL test runs over every weighting: RESUME with the weighting switched (None drops RESUME's key).
 # AVW and DWA take windows of 3, so that the checkpoints (every 2 iterations) fall inside a window too.
 WEIGHTING_RESUME: dict[str, dict[str, object]] = {
@@ -124,41 +128,39 @@ def _kill(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """An uninterrupted run; its data folder (the synthetic cache) is shared by the tests below."""
+    """An uninterrupted ResNet-18 run; its data folder (the synthetic cache) is shared by the tests below,
+    which put their own runs in their ``tmp_path`` (removed as soon as the test passed)."""
     data = tmp_path_factory.mktemp("robust")
     ref = data / "reference"
     assert main(_argv(data, ref)) == 0
+    # only last.pt is compared against: its predecessor would hold 136 MB for the whole module
+    (ref / "checkpoints" / "prev.pt").unlink()
     return data, ref
 
 
 @pytest.fixture(scope="module")
-def weighting_reference(reference: tuple[Path, Path]) -> Callable[[str], Path]:
-    """The uninterrupted run of each weighting (RLO's is ``reference``), made on first use in its data folder."""
-    data, rlo = reference
-    runs = {"rlo": rlo}
-
-    def get(weighting: str) -> Path:
-        if weighting not in runs:
-            ref = data / f"reference_{weighting}"
-            assert main(_argv(data, ref, WEIGHTING_RESUME[weighting])) == 0
-            runs[weighting] = ref
-        return runs[weighting]
-
-    return get
+def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """RESUME's uninterrupted run on the tiny body, with its ``prev.pt`` (the truncation test falls back to it)."""
+    data = tmp_path_factory.mktemp("robust_tiny")
+    ref = data / "reference"
+    assert main(_argv(data, ref, TINY)) == 0
+    return data, ref
 
 
 # ----------------------------------------------------------------------------------- exact resume
 @pytest.mark.parametrize("weighting", list(WEIGHTING_RESUME))
 def test_sigkill_anywhere_then_resume_is_bitwise_exact(
-    weighting: str, reference: tuple[Path, Path], weighting_reference: Callable[[str], Path]
+    weighting: str, reference: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """SIGKILL twice at random moments (the first run with a data worker), once in the middle of a
     checkpoint write, then --resume: the same weights, weighting state, log-variances, logs and metrics,
     for every weighting (the window buffer mid-window for AVW and DWA; UW's u through the optimizer)."""
-    data = reference[0]
-    ref = weighting_reference(weighting)
+    data, ref = reference
     extra = WEIGHTING_RESUME[weighting]
-    run = data / f"killed_{weighting}"
+    if weighting != "rlo":  # RESUME's weighting is RLO: ``reference``; the others' are used here only
+        ref = tmp_path / "reference"
+        assert main(_argv(data, ref, extra)) == 0
+    run = tmp_path / "killed"
     rng = random.Random(20240601)
 
     first = _spawn(data, run, {**extra, "data.num_workers": 1})
@@ -192,15 +194,15 @@ def test_sigkill_anywhere_then_resume_is_bitwise_exact(
         assert positions - {0}, positions
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(reference: tuple[Path, Path], capsys) -> None:
+def test_sigterm_saves_a_checkpoint_and_exits_143(reference: tuple[Path, Path], tmp_path: Path, capsys) -> None:
     """SIGTERM to the whole process group, data worker included (as Ctrl-C or SLURM do)."""
     data, ref = reference
-    run = data / "terminated"
+    run = tmp_path / "terminated"
     proc = _spawn(data, run, {"data.num_workers": 1})
     _wait("iteration 3", lambda: _logged(run) >= 3, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    stderr = "".join(p.read_text() for p in data.glob("terminated.stderr.*"))
+    stderr = "".join(p.read_text() for p in tmp_path.glob("terminated.stderr.*"))
     assert "interrupted (SIGTERM)" in stderr and "Traceback" not in stderr
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["iteration"] == _logged(run) >= 3  # the iteration it reached, not just the last period
@@ -212,38 +214,40 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(reference: tuple[Path, Path], 
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(
-    reference: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys
+    tiny_reference: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """SIGINT arrives (in this process) during iteration 5: the step completes, a checkpoint of iteration 5
     is saved (not a period iteration), the CLI returns 130, and --resume ends where the reference did."""
-    data, ref = reference
+    data, ref = tiny_reference
 
     def ctrl_c(model: Any, out: Any, call: int) -> None:
         if call == 5:
             os.kill(os.getpid(), signal.SIGINT)
 
     _poison(monkeypatch, ctrl_c)
-    run = data / "ctrl_c"
+    run = tmp_path / "ctrl_c"
     capsys.readouterr()
     handler_before = signal.getsignal(signal.SIGINT)
-    assert main(_argv(data, run)) == 128 + signal.SIGINT
+    assert main(_argv(data, run, TINY)) == 128 + signal.SIGINT
     captured = capsys.readouterr()
     assert "SIGINT: saved a checkpoint at iteration 5" in captured.out
     assert "robustdet: interrupted (SIGINT)" in captured.err and "Traceback" not in captured.err
     assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == 5 == _logged(run)
     assert signal.getsignal(signal.SIGINT) is handler_before  # the handlers were put back
     monkeypatch.undo()
-    assert main(_argv(data, run, None, "--resume")) == 0
+    assert main(_argv(data, run, TINY, "--resume")) == 0
     assert_same_run(run, ref)
 
 
-def test_truncated_last_checkpoint_falls_back_to_prev(reference: tuple[Path, Path], capsys) -> None:
-    data, ref = reference
-    run = data / "truncated"
+def test_truncated_last_checkpoint_falls_back_to_prev(
+    tiny_reference: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    data, ref = tiny_reference
+    run = tmp_path / "truncated"
     shutil.copytree(ref, run)
     truncate(run / "checkpoints" / "last.pt", keep=0.7)
     capsys.readouterr()
-    assert main(_argv(data, run, None, "--resume")) == 0
+    assert main(_argv(data, run, TINY, "--resume")) == 0
     captured = capsys.readouterr()
     assert f"{run / 'checkpoints' / 'last.pt'}: corrupt or truncated checkpoint" in captured.err
     assert f"resumed from {run / 'checkpoints' / 'prev.pt'} at iteration 8" in captured.out
@@ -258,12 +262,13 @@ EPOCHS: dict[str, object] = {
 }  # fmt: skip
 
 
-def test_epochs_and_best_checkpoint_killed_and_resumed_end_equal(reference: tuple[Path, Path]) -> None:
+def test_epochs_and_best_checkpoint_killed_and_resumed_end_equal(reference: tuple[Path, Path], tmp_path: Path) -> None:
     """A run stated in epochs that keeps best.pt, SIGKILLed after its first evaluation and checkpoint, then
     --resume: last.pt, best.pt (with its metric, value and iteration), logs and metrics as uninterrupted."""
     data, _ = reference
-    ref, run = data / "epochs_reference", data / "epochs_killed"
+    ref, run = tmp_path / "reference", tmp_path / "killed"
     assert main(_argv(data, ref, EPOCHS)) == 0
+    (ref / "checkpoints" / "prev.pt").unlink()  # never compared against: 136 MB less while the other run trains
     proc = _spawn(data, run, EPOCHS)
     _wait("iteration 4", lambda: _logged(run) >= 4, proc)  # the evaluation and checkpoint of 3 are done
     time.sleep(random.Random(11).uniform(0.0, 0.4))
@@ -321,6 +326,7 @@ def test_one_nonfinite_step_is_skipped_and_log_variances_out_of_range_are_report
         "loss.log_var_range": "[-0.01, 0.01]",
         "train.optimizer.log_var_lr": 0.1,
         "train.schedule.warmup_iters": 0,
+        **TINY,
     }
     run = tmp_path / "run"
     assert main(_argv(tmp_path, run, extra)) == 0
@@ -351,7 +357,7 @@ def test_persistent_nonfinite_stops_with_exit_2_and_keeps_the_last_good_checkpoi
 
     _poison(monkeypatch, bad_log_variance)
     run = tmp_path / "run"
-    assert main(_argv(tmp_path, run, {"train.max_iter": 8, "train.max_nonfinite_steps": 3})) == 2
+    assert main(_argv(tmp_path, run, {**TINY, "train.max_iter": 8, "train.max_nonfinite_steps": 3})) == 2
     err = capsys.readouterr().err
     assert err.count("robustdet train: error: ") == 1 and "Traceback" not in err
     line = err.split("robustdet train: error: ", 1)[1]
@@ -381,7 +387,7 @@ def test_corrupt_image_mid_training_is_skipped_and_resume_stays_exact(tmp_path: 
     write_image(bad)
     truncate(bad)
     bad = str(bad)
-    extra = {"train.max_iter": 6, "checkpoint.period": 3, "data.max_corrupt_images": 1}
+    extra = {**TINY, "train.max_iter": 6, "checkpoint.period": 3, "data.max_corrupt_images": 1}
     data = [*coco_overrides(train_json, tmp_path / "coco" / "images", val_json)]
 
     def argv(out: Path, *flags: str, **more: object) -> list[str]:
