@@ -125,7 +125,10 @@ def fold_predictions(cfg: Config, split: AuditSplit, folds: int, out: Path) -> P
             if not done.is_file():
                 fold_dir.mkdir(parents=True, exist_ok=True)
                 ids = {split.dataset.image_ids[i] for i in held_out}
+                # the trainer's own console goes to fold_k/train.log: the bar says where its progress is
+                fold_bar.set_description(f"audit fold {k + 1}/{folds}: training ({fold_dir / 'train.log'})")
                 loaded = load_for_audit(train_fold(cfg, split, ids, fold_dir))
+                fold_bar.set_description(f"audit fold {k + 1}/{folds}: predicting")
                 predict_images(loaded, split, held_out, cfg.eval.batch_size, image_bar).save(done)
             else:
                 image_bar.update(len(held_out))
