@@ -115,6 +115,24 @@ def test_an_unfinished_audit_resumes_where_it_stopped(audited: dict) -> None:
     assert (out / "annotations.csv").read_text() == (audited["out"] / "annotations.csv").read_text()
 
 
+def test_another_audits_folder_or_a_foreign_one_is_refused(audited: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    out = audited["base"] / "other"
+    shutil.copytree(audited["out"], out)
+    manifest = json.loads((out / "audit.json").read_text())
+    (out / "audit.json").write_text(json.dumps({**manifest, "finished": False}))
+    before = sorted(p.name for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(["audit", CONFIG, *audited["overrides"], "train.max_iter=4", "--out", str(out)]) == 2
+    assert "unfinished audit of another config" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == before
+    foreign = audited["base"] / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["audit", CONFIG, *audited["overrides"], "--out", str(foreign), "--overwrite"]) == 2
+    assert "not an audit folder" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
 def test_weights_scores_with_one_model_and_trains_nothing(audited: dict) -> None:
     out = audited["base"] / "weights"
     ckpt = audited["out"] / "fold_0" / "checkpoints" / "last.pt"
