@@ -161,7 +161,11 @@ def run_audit(opts: AuditOptions) -> str:
     out = opts.out
     prepare_dir(out, fingerprint(cfg, opts), opts.overwrite)
     if loaded is None:
-        preds = fold_predictions(cfg, split, opts.folds or DEFAULT_FOLDS, out)
+        try:
+            preds = fold_predictions(cfg, split, opts.folds or DEFAULT_FOLDS, out)
+        except KeyboardInterrupt:  # the fold's checkpoint is saved (its train.log says where)
+            print(f"robustdet audit: stopped; the same command resumes the audit in {out}", file=sys.stderr)
+            raise
     else:
         preds = predict_images(loaded, split, list(range(len(split.dataset))), cfg.eval.batch_size)
     result = score_split(split, preds, opts.threshold)
