@@ -190,6 +190,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys:
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_a_coco_source_is_cleaned_from_its_own_json(tmp_path: Path) -> None:
+    source = _coco_case(tmp_path, images=4)
+    data = json.loads(source.read_text())
+    data["info"] = {"description": "mine"}
+    for ann in data["annotations"]:
+        ann["note"] = f"kept {ann['id']}"
+    source.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    argv = [*tiny_overrides(tmp_path, {"train.max_iter": 2, "checkpoint.period": None}), *_coco_argv(source)]
+    assert main(["audit", CONFIG, *argv, "--out", str(out), "--fix", "none"]) == 0
+    # no fix: the source json itself, its own keys included
+    assert json.loads((out / "cleaned.json").read_text()) == data
+    assert json.loads((out / "audit.json").read_text())["image_root"] == str(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------ the page
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
