@@ -62,7 +62,9 @@ def fold_config(cfg: Config, train_json: Path, image_root: Path) -> Config:
     """The run config of a fold: ``cfg`` with ``data.train`` the fold's json (the label noise is already in
     it) and the headers unchecked (the audit checked them, and checking would cache them outside DIR)."""
     data = cfg.model_dump(mode="json")
-    data["data"]["train"] = {"format": "coco", "path": str(train_json), "image_root": str(image_root)}
+    # absolute: the fold's config.yaml and checkpoints stay valid from any working directory
+    data["data"]["train"] = {"format": "coco", "path": str(train_json.resolve()),
+                             "image_root": str(image_root.resolve())}
     data["data"]["verify_images"] = False
     return config_from_dict(data, f"{train_json.parent} config")
 

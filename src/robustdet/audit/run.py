@@ -104,6 +104,7 @@ def _clear(out: Path, keep_folds: bool) -> None:
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
     if not keep_folds:
+        (out / "predictions.npz").unlink(missing_ok=True)
         for fold in out.glob("fold_*"):
             shutil.rmtree(fold)
 
@@ -149,6 +150,14 @@ def load_weights(weights: str, split: AuditSplit) -> LoadedModel:
     return loaded
 
 
+def weights_predictions(loaded: LoadedModel, split: AuditSplit, batch_size: int, out: Path) -> Predictions:
+    """The ``--weights`` model's detections of every image, kept in DIR/predictions.npz (read on a rerun)."""
+    done = out / "predictions.npz"
+    if not done.is_file():
+        predict_images(loaded, split, list(range(len(split.dataset))), batch_size).save(done)
+    return Predictions.load(done)
+
+
 def run_audit(opts: AuditOptions) -> str:
     """The whole audit; returns the summary to print. Every check that can fail on the inputs runs before
     the folder is touched."""
@@ -167,7 +176,7 @@ def run_audit(opts: AuditOptions) -> str:
             print(f"robustdet audit: stopped; the same command resumes the audit in {out}", file=sys.stderr)
             raise
     else:
-        preds = predict_images(loaded, split, list(range(len(split.dataset))), cfg.eval.batch_size)
+        preds = weights_predictions(loaded, split, cfg.eval.batch_size, out)
     result = score_split(split, preds, opts.threshold)
     rows, done = write_outputs(result, out, fixes)
     write_page(result, out)
