@@ -1,5 +1,5 @@
 """The ``robustdet`` command line: train, sweep, eval, predict, export, convert, noise, report, compare,
-plot-losses.
+audit, plot-losses.
 
 Known errors (bad config, bad dataset, bad checkpoint, missing file, a diverged run, a lost rank) end
 with one line naming the file, image or key, and exit code 2; ``--debug`` shows the traceback instead.
@@ -239,6 +239,14 @@ def _metric_names(text: str, option: str) -> list[str]:
     return names
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from robustdet.audit.run import AuditOptions, run_audit
+
+    print(run_audit(AuditOptions(args.config, Path(args.out), args.overrides, args.folds, args.weights,
+                                 args.threshold, args.fix, args.overwrite)))
+    return 0
+
+
 def _cmd_plot_losses(args: argparse.Namespace) -> int:
     from robustdet.plots.loss_figures import plot_paper_figures
 
@@ -363,6 +371,22 @@ def _add_compare(sub: Any) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
+def _add_audit(sub: Any) -> None:
+    from robustdet.audit.run import DEFAULT_FIX, DEFAULT_FOLDS
+
+    p = sub.add_parser("audit", help="find label errors in data.train from out-of-fold detections (docs/audit.md)")
+    p.add_argument("config", help="the run config whose data.train is audited (and whose model the folds train)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for train")
+    p.add_argument("--out", required=True, help="the audit folder: csv files, cleaned.json, index.html, fold_k/")
+    p.add_argument("--folds", type=int, help=f"train K fold models, each on the other folds (default {DEFAULT_FOLDS})")
+    p.add_argument("--weights", metavar="CKPT", help="score with this checkpoint instead of training folds")
+    p.add_argument("--threshold", type=float, default=0.5, help="score at which an annotation is a suspect (0.5)")
+    p.add_argument("--fix", default=DEFAULT_FIX, metavar="relabel,drop,add",
+                   help=f"the fixes cleaned.json applies above --threshold, or none (default {DEFAULT_FIX})")
+    p.add_argument("--overwrite", action="store_true", help="write over a finished audit in --out")
+    p.set_defaults(func=_cmd_audit)
+
+
 def _add_plot_losses(sub: Any) -> None:
     p = sub.add_parser("plot-losses", help="the papers' Figures 1 and 2 (Bayesian smooth L1 and focal)")
     p.add_argument("--out", required=True)
@@ -372,7 +396,7 @@ def _add_plot_losses(sub: Any) -> None:
 # the subcommands, in the order ``robustdet --help`` lists them: each adds its parser (and its ``func``)
 COMMANDS: tuple[Callable[[Any], None], ...] = (
     _add_train, _add_sweep, _add_eval, _add_predict, _add_export,
-    _add_convert, _add_noise, _add_report, _add_compare, _add_plot_losses,
+    _add_convert, _add_noise, _add_report, _add_compare, _add_audit, _add_plot_losses,
 )
 
 
@@ -417,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         # argparse leaves KEY=VALUE after options unmatched (`train CONFIG --out DIR KEY=VALUE`)
         options = [r for r in rest if r.startswith("-")]
-        if args.command not in ("train", "sweep", "eval") or options:
+        if args.command not in ("train", "sweep", "eval", "audit") or options:
             parser.error(f"unrecognized arguments: {' '.join(options or rest)}")
         args.overrides = [*args.overrides, *rest]
     try:

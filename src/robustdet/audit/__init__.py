@@ -1,5 +1,6 @@
 """``robustdet audit``: find the label errors of a training split from out-of-fold detections.
 
-``scores`` (the scores, pure numpy), ``folds`` (fold assignment, training and out-of-fold prediction),
-``outputs`` (the csv files and cleaned.json), ``page`` (the static review page), ``run`` (the command).
+``scores`` (the scores, pure numpy), ``split`` (the split as audited, its folds), ``folds`` (each fold's
+training and out-of-fold prediction), ``outputs`` (the csv files, cleaned.json, the summary), ``page`` (the
+static review page), ``run`` (the command and its folder). docs/audit.md.
 """

@@ -43,8 +43,8 @@ MAX_CORRUPT_IN_A_ROW = 16
 class SplitUse:
     """What ``build_dataset`` does to a split: one explicit choice each (``TRAINING``, ``EVALUATION``).
 
-    ``audit`` builds its held-out folds as ``replace(TRAINING, augment=False, skip_corrupt=False)``: the
-    training split with its noisy labels, without augmentation, stopping at an unreadable image.
+    ``audit`` builds its split as ``replace(TRAINING, augment=False, skip_empty=False, skip_corrupt=False)``:
+    the training split with its noisy labels, without augmentation, every image, stopping at an unreadable one.
     """
 
     # the split a source without ``split`` reads ("train" or "val")
