@@ -257,6 +257,7 @@ def test_trainer_feeds_the_configured_measure(measure: str, tmp_path_factory: py
     run = tmp_path_factory.mktemp(f"measure_{measure}")
     extra = {
         "loss.bayesian": "true",
+        "loss.bayesian_form": "paper",
         "weighting.name": "avw",
         "weighting.interval": 2,
         "weighting.measure": measure,

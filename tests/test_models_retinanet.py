@@ -26,6 +26,8 @@ NUM_CLASSES = 3
 
 
 def tiny_cfg(**loss: object) -> Config:
+    if loss.get("bayesian"):  # these tests check Eq. 14 / 16 as written: the paper form, not the default
+        loss.setdefault("bayesian_form", "paper")
     return config_from_dict(
         {
             "model": {

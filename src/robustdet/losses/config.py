@@ -24,7 +24,7 @@ class LossConfig(Section):
     bayesian: bool = False
     # which Bayesian loss (losses/bayesian_form.py): "paper" is Eq. 14 / 16 exactly, the form that collapses
     # when s converges (docs/results.md); the others change its focusing factor and / or its regulariser
-    bayesian_form: BayesianFormName = "paper"
+    bayesian_form: BayesianFormName = "detached"
     # initial s per task; None: the detector's own (``Detector.loss_tasks``, the paper's s_reg 1, s_cls 0)
     log_var_init: dict[str, float] | None = None
     log_var_range: tuple[float, float] | None = None
