@@ -23,7 +23,8 @@ class LossConfig(Section):
     normalization: Literal["per_image", "per_batch"] = "per_batch"
     bayesian: bool = False
     # which Bayesian loss (losses/bayesian_form.py): "paper" is Eq. 14 / 16 exactly, the form that collapses
-    # when s converges (docs/results.md); the others change its focusing factor and / or its regulariser
+    # when s converges; "detached" (the default) fits s on detached predictions and trains the network on
+    # the plain losses, the only candidate that kept AP with s converged (docs/results.md)
     bayesian_form: BayesianFormName = "detached"
     # initial s per task; None: the detector's own (``Detector.loss_tasks``, the paper's s_reg 1, s_cls 0)
     log_var_init: dict[str, float] | None = None
