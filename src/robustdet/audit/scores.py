@@ -198,10 +198,10 @@ def class_quantiles(values: np.ndarray, labels: np.ndarray, num_classes: int, mi
 
 
 def calibrate(anns: Annotations, dets: Detections, pairs: Pairs, cfg: ScoreConfig) -> tuple[Detections, np.ndarray]:
-    """p'_d = min(1, p_d / r_{c_d}), r_c = the median (``calibration_quantile``) over class c's (non-crowd)
-    annotations that have one of
-    max_{d: c_d = c_a, u >= tau_loc} p_d (docs/audit.md, "Calibration"); returns the rescaled detections
-    and r (by label; all 1 with ``calibration="none"``)."""
+    """p'_d = min(1, p_d / r_{c_d}), r_c the median (``calibration_quantile``) of b(a) =
+    max_{d: c_d = c_a, u >= tau_loc} p_d over class c's non-crowd annotations that have such a d
+    (docs/audit.md, "Calibration first"); returns the rescaled detections and r by label (all 1 with
+    ``calibration="none"``)."""
     num_classes = int(max(anns.labels.max(initial=-1), dets.labels.max(initial=-1))) + 1
     if cfg.calibration == "none":
         return dets, np.ones(num_classes)
