@@ -159,6 +159,8 @@ def summary_text(r: AuditResult, rows: list[dict[str, Any]], done: Counter[str],
         "  " + ", ".join(f"{issue} {counts.get(issue, 0)}" for issue in ISSUES)
         + f"; missing {proposed} (of {len(r.scores.missing.scores)} proposals)",
         "  cleaned.json: " + (", ".join(f"{k} {done.get(k, 0)}" for k in FIXES)),
+        "  scores divided by r_c (docs/audit.md, calibration), by category id: "
+        + ", ".join(f"{cid} {ref:.3f}" for cid, ref in zip(r.category_ids, r.scores.reference.tolist(), strict=False)),
         "worst annotations:",
         f"  {'annotation':>10} {'image':>8}  {'issue':<8} {'score':>6}  file",
     ]

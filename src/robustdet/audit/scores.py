@@ -1,7 +1,9 @@
 """How likely each annotation is wrong, from out-of-sample detections (docs/audit.md, the equations).
 
 Pure numpy over flat arrays (all images at once): every (annotation, detection) pair of an image gets
-its IoU, and segmented maxima over the pairs give, per annotation a with class c_a,
+its IoU u. The scores are first calibrated (``ScoreConfig.calibration``): p_d <- min(1, p_d / r_{c_d}),
+r_c the median over class c's annotations of max_{d: c_d = c_a, u >= tau_loc} p_d. Then segmented maxima
+over the pairs give, per annotation a with class c_a,
 
     q_same(a)  = max_{d: c_d = c_a, u >= tau_low} p_d * pi(a, d)          the model agrees
     q_near(a)  = max_{d: c_d = c_a, u >= tau_low} p_d * (1 - pi(a, d))    same class, elsewhere nearby
@@ -23,6 +25,7 @@ object (class-agnostic NMS among them); an image scores the max of its annotatio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -45,6 +48,15 @@ class ScoreConfig:
     missing_nms: float = 0.5
     # floor of the detections' sigma in pixels (a near-zero sigma would make every offset infinitely unlikely)
     sigma_min: float = 1.0
+    # how detection scores become probabilities before the equations: "class_median" divides each score by
+    # r_c, the median over class c's annotations of their best same-class score at IoU >= tau_loc (clipped
+    # to 1); "none" reads the scores as they are. Focal-loss scores of correct detections sit near 0.3
+    # (docs/audit.md, "Calibration"), which read as probabilities flag nearly every annotation spurious.
+    calibration: Literal["class_median", "none"] = "class_median"
+    # the quantile of those best scores that r_c is (0.5: the median)
+    calibration_quantile: float = 0.5
+    # a class with fewer matched annotations than this uses the quantile over all classes (too few to trust)
+    calibration_min: int = 10
 
 
 @dataclass
@@ -80,6 +92,7 @@ class AuditScores:
     missing: Detections  # the proposed missing objects (std None), by image
     image_score: np.ndarray  # float64 [I]
     quantities: dict[str, np.ndarray] = field(default_factory=dict)  # q_same, q_near, q_other, q_any
+    reference: np.ndarray = field(default_factory=lambda: np.ones(0))  # r_c by label (1: not rescaled)
 
 
 def pair_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -150,14 +163,66 @@ def _masked_max(values: np.ndarray, mask: np.ndarray, counts: np.ndarray) -> tup
     return np.where(none, 0.0, best), np.where(none, -1, where)
 
 
+@dataclass
+class Pairs:
+    """Every (annotation, detection) pair of an image, grouped by annotation, and their IoU."""
+
+    ann: np.ndarray  # int64 [P]
+    det: np.ndarray  # int64 [P]
+    counts: np.ndarray  # int64 [N]: pairs per annotation
+    iou: np.ndarray  # float64 [P]
+
+
+def all_pairs(anns: Annotations, dets: Detections, num_images: int) -> Pairs:
+    ann, det = image_pairs(anns.image, dets.image, num_images)
+    counts = np.bincount(ann, minlength=len(anns.image)) if len(ann) else np.zeros(len(anns.image), np.int64)
+    return Pairs(ann, det, counts, pair_iou(anns.boxes[ann], dets.boxes[det]))
+
+
+def class_quantiles(values: np.ndarray, labels: np.ndarray, num_classes: int, min_count: int,
+                    q: float = 0.5) -> np.ndarray:
+    """Per class the q-quantile of ``values`` (linear interpolation, as np.quantile; one sort over all of
+    them); a class with fewer than ``min_count`` values gets the quantile over all (1 when there are none)."""
+    pooled = float(np.quantile(values, q)) if len(values) else 1.0
+    out = np.full(num_classes, pooled)
+    order = np.lexsort((values, labels))
+    v, n = values[order], np.bincount(labels, minlength=num_classes)
+    start = np.cumsum(n) - n
+    ok = n >= max(min_count, 1)
+    at = q * (n[ok] - 1)
+    lo = np.floor(at).astype(np.int64)
+    hi = np.minimum(lo + 1, n[ok] - 1)
+    frac = at - lo
+    out[ok] = (1 - frac) * v[start[ok] + lo] + frac * v[start[ok] + hi]
+    return out
+
+
+def calibrate(anns: Annotations, dets: Detections, pairs: Pairs, cfg: ScoreConfig) -> tuple[Detections, np.ndarray]:
+    """p'_d = min(1, p_d / r_{c_d}), r_c the median (``calibration_quantile``) of b(a) =
+    max_{d: c_d = c_a, u >= tau_loc} p_d over class c's non-crowd annotations that have such a d
+    (docs/audit.md, "Calibration first"); returns the rescaled detections and r by label (all 1 with
+    ``calibration="none"``)."""
+    num_classes = int(max(anns.labels.max(initial=-1), dets.labels.max(initial=-1))) + 1
+    if cfg.calibration == "none":
+        return dets, np.ones(num_classes)
+    a, d = pairs.ann, pairs.det
+    match = (dets.labels[d] == anns.labels[a]) & (pairs.iou >= cfg.tau_loc)
+    best, _ = _masked_max(dets.scores[d], match, pairs.counts)
+    has = np.zeros(len(anns.image), bool)
+    has[a[match]] = True
+    has &= ~anns.crowd
+    ref = class_quantiles(best[has], anns.labels[has], num_classes, cfg.calibration_min, cfg.calibration_quantile)
+    ref = np.maximum(ref, 1e-12)
+    scores = np.minimum(1.0, dets.scores / ref[dets.labels]) if len(dets.labels) else dets.scores
+    return Detections(dets.image, dets.boxes, scores, dets.labels, dets.std), ref
+
+
 def annotation_quantities(
-    anns: Annotations, dets: Detections, num_images: int, cfg: ScoreConfig
+    anns: Annotations, dets: Detections, pairs: Pairs, cfg: ScoreConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
     """q_same, q_near, q_other, q_any per annotation; the detection behind q_near and q_other (-1: none);
     and each detection's largest IoU with any annotation of its image (crowd included)."""
-    ann, det = image_pairs(anns.image, dets.image, num_images)
-    counts = np.bincount(ann, minlength=len(anns.image)) if len(ann) else np.zeros(len(anns.image), np.int64)
-    iou = pair_iou(anns.boxes[ann], dets.boxes[det])
+    ann, det, counts, iou = pairs.ann, pairs.det, pairs.counts, pairs.iou
     p = dets.scores[det]
     same_class = dets.labels[det] == anns.labels[ann]
     near = iou >= cfg.tau_low
@@ -208,7 +273,9 @@ def score_annotations(
     for name, arr in (("annotations", anns.image), ("detections", dets.image)):
         if len(arr) and np.any(np.diff(arr) < 0):
             raise ValueError(f"score_annotations: {name} must be sorted by image")
-    q, which, covered = annotation_quantities(anns, dets, num_images, cfg)
+    pairs = all_pairs(anns, dets, num_images)
+    dets, reference = calibrate(anns, dets, pairs, cfg)
+    q, which, covered = annotation_quantities(anns, dets, pairs, cfg)
     scored = ~anns.crowd
     parts = {
         "class": q["other"] * (1 - q["same"]),
@@ -231,4 +298,4 @@ def score_annotations(
     np.maximum.at(image_score, anns.image, score)
     np.maximum.at(image_score, missing.image, missing.scores)
     return AuditScores(parts, score, issue.astype(np.int64), suggested_label.astype(np.int64), suggested_box,
-                       missing, image_score, {f"q_{k}": v for k, v in q.items()})
+                       missing, image_score, {f"q_{k}": v for k, v in q.items()}, reference)
