@@ -73,8 +73,14 @@ def test_invalid_construction_raises():
         LogVariances({"reg": 1.0}, log_var_range=(1.0, 1.0))
     with pytest.raises(ValueError, match="low < high"):
         LogVariances({"reg": 1.0}, log_var_range=(-math.inf, 2.0))
-    with pytest.raises(ValueError, match="outside log_var_range"):
+    with pytest.raises(ValueError, match="strictly inside log_var_range"):
         LogVariances({"reg": 4.0}, log_var_range=(-1.0, 3.0))
+    # on a bound: torch.clamp's gradient there is 0, so s would never move
+    s = torch.tensor(1.0, requires_grad=True)
+    torch.clamp(s, -6.0, 1.0).backward()
+    assert float(s.grad) == 0.0
+    with pytest.raises(ValueError, match="at a bound s gets no gradient"):
+        LogVariances({"reg": 1.0}, log_var_range=(-6.0, 1.0))
     with pytest.raises(ValueError, match="must be finite"):
         LogVariances({"reg": math.nan})
     with pytest.raises(ValueError, match="Python identifier"):

