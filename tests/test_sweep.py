@@ -252,14 +252,14 @@ def test_a_cell_folder_with_another_config_is_refused(swept, capsys):
 
 
 def test_a_cell_trained_before_an_option_existed_is_still_this_cells_run(swept, capsys):
-    """A key added to the config since a cell ran (here loss.bayesian_form and
-    train.optimizer.log_var_warmup, at their defaults) is missing from its config.yaml: still the same run."""
+    """A key added to the config since a cell ran (here train.optimizer.log_var_warmup and
+    label_noise.box_jitter_classes, at their defaults) is missing from its config.yaml: still the same run."""
     tmp, done = swept
     out = tmp / "older"
     shutil.copytree(done, out)
     path = out / NAMES[0] / "config.yaml"
     text = path.read_text()
-    older = "\n".join(x for x in text.splitlines() if "bayesian_form:" not in x and "log_var_warmup:" not in x)
+    older = "\n".join(x for x in text.splitlines() if "log_var_warmup:" not in x and "box_jitter_classes:" not in x)
     assert older != text
     path.write_text(older + "\n")
     capsys.readouterr()
