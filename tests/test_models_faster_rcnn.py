@@ -361,7 +361,7 @@ def record_bayesian_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tup
         return wrapped
 
     # the detectors reach the Bayesian losses through losses.task_loss (the BCE as Eq. 16 with γ = 0)
-    for name, attr in [("bce", "bayesian_focal_loss_and_plain"), ("ce", "bayesian_cross_entropy"),
+    for name, attr in [("bce", "bayesian_focal_loss"), ("ce", "bayesian_cross_entropy"),
                        ("sl1", "bayesian_smooth_l1_loss")]:
         monkeypatch.setattr(task_module, attr, recorder(name, getattr(task_module, attr)))
     return calls

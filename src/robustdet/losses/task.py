@@ -31,10 +31,11 @@ from robustdet.losses.box import GIOU_EPS, box_beta, box_loss_row, plain_box_los
 from robustdet.losses.config import LossConfig
 from robustdet.losses.focal import (
     bayesian_cross_entropy,
+    bayesian_focal_loss,
     bayesian_focal_loss_and_plain,
     sigmoid_focal_loss,
 )
-from robustdet.losses.smooth_l1 import bayesian_smooth_l1_loss, smooth_l1_loss
+from robustdet.losses.smooth_l1 import bayesian_smooth_l1_loss
 
 TaskKind = Literal["focal", "bce", "ce", "box"]
 
@@ -60,11 +61,17 @@ def task_loss(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor | No
     """
     if log_var is None:
         return TaskLoss(_plain(kind, pred, target, loss), None)
-    if not form_of(loss.bayesian_form).detached:
-        return _bayesian(kind, pred, target, log_var, loss)
-    fitted = _bayesian(kind, pred.detach(), target, log_var, loss).value
-    plain = _plain(kind, pred, target, loss)
-    return TaskLoss(plain + (fitted - fitted.detach()), plain.detach())
+    if form_of(loss.bayesian_form).detached:
+        fitted = _bayesian_value(kind, pred.detach(), target, log_var, loss)
+        plain = _plain(kind, pred, target, loss)
+        return TaskLoss(plain + (fitted - fitted.detach()), plain.detach())
+    if kind == "focal":  # one pass gives both the Bayesian and the plain focal loss
+        return TaskLoss(*bayesian_focal_loss_and_plain(
+            pred, target, log_var, loss.focal_alpha, loss.focal_gamma, loss.bayesian_form
+        ))
+    value = _bayesian_value(kind, pred, target, log_var, loss)
+    with torch.no_grad():
+        return TaskLoss(value, _plain(kind, pred, target, loss))
 
 
 def _plain(kind: TaskKind, pred: Tensor, target: Tensor, loss: LossConfig) -> Tensor:
@@ -79,25 +86,19 @@ def _plain(kind: TaskKind, pred: Tensor, target: Tensor, loss: LossConfig) -> Te
     raise ValueError(f"unknown task loss kind {kind!r}; one of focal, bce, ce, box")
 
 
-def _bayesian(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor, loss: LossConfig) -> TaskLoss:
+def _bayesian_value(kind: TaskKind, pred: Tensor, target: Tensor, log_var: Tensor, loss: LossConfig) -> Tensor:
+    """The Bayesian loss of ``loss.bayesian_form`` alone (no plain loss beside it)."""
     form = loss.bayesian_form
     if kind == "focal":
-        return TaskLoss(*bayesian_focal_loss_and_plain(pred, target, log_var, loss.focal_alpha, loss.focal_gamma, form))
+        return bayesian_focal_loss(pred, target, log_var, loss.focal_alpha, loss.focal_gamma, form=form)
     if kind == "bce":
-        return TaskLoss(*bayesian_focal_loss_and_plain(pred, target, log_var, alpha=-1.0, gamma=0.0, form=form))
+        return bayesian_focal_loss(pred, target, log_var, alpha=-1.0, gamma=0.0, form=form)
     if kind == "ce":
-        value = bayesian_cross_entropy(pred, target, log_var, form=form)
-        with torch.no_grad():
-            plain = F.cross_entropy(pred, target, reduction="none")
-        return TaskLoss(value, plain)
+        return bayesian_cross_entropy(pred, target, log_var, form=form)
     if kind == "box":
         if box_loss_row(loss).decoded:  # the config refuses it; a direct call gets the reason
             raise ValueError(f"loss.box_loss={loss.box_loss} has no Bayesian form (Eq. 14 is on deltas)")
-        beta = box_beta(loss)
-        value = bayesian_smooth_l1_loss(pred, target, log_var, beta=beta, form=form).sum(dim=-1)
-        with torch.no_grad():
-            plain = smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(dim=-1)
-        return TaskLoss(value, plain)
+        return bayesian_smooth_l1_loss(pred, target, log_var, beta=box_beta(loss), form=form).sum(dim=-1)
     raise ValueError(f"unknown task loss kind {kind!r}; one of focal, bce, ce, box")
 
 
