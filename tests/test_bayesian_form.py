@@ -202,8 +202,7 @@ def _collapse_run(tmp_path, form):
 def test_the_paper_form_collapses_when_s_converges(tmp_path):
     """docs/results.md's collapse at test scale: with Eq. 16 as written, s_cls climbs (the focusing exponent
     γ·σ⁻² falls with it) and no detection is left above the default 0.05 score threshold. (The same run with
-    ``fixed_focus`` kept 113 detections, max score 0.11, when this test was written; it is not rerun here to
-    keep the suite short.)"""
+    ``loss.bayesian_form=fixed_focus`` keeps detections; it is not trained here, to keep the suite short.)"""
     dets, s_cls = _collapse_run(tmp_path, "paper")
     assert s_cls[-1] > 0.9 and s_cls == sorted(s_cls)
     assert dets == []

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy import stats
+from torchvision.ops import box_convert, box_iou
 
 from robustdet.data import load_synthetic
 from robustdet.runs.reader import run_config
@@ -54,13 +56,8 @@ def coco_metrics(gt: dict[str, Any], dets: list[dict[str, Any]]) -> dict[str, fl
     return {"AP": ap(slice(None)), "AP50": ap(0), "AP75": ap(5), "AP90": ap(8)}
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one XYWH box with [N, 4] XYWH boxes."""
-    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[0] + box[2], boxes[:, 0] + boxes[:, 2])
-    y2 = np.minimum(box[1] + box[3], boxes[:, 1] + boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    return inter / (box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter)
+def _xyxy(xywh: np.ndarray) -> torch.Tensor:
+    return box_convert(torch.from_numpy(xywh), "xywh", "xyxy")
 
 
 def matched_sigma_error(gt: dict[str, Any], dets: list[dict[str, Any]], min_score: float) -> np.ndarray:
@@ -74,7 +71,7 @@ def matched_sigma_error(gt: dict[str, Any], dets: list[dict[str, Any]], min_scor
         if d["score"] < min_score or "bbox_std" not in d or not cands:
             continue
         boxes = np.array([a["bbox"] for a in cands], dtype=np.float64)
-        iou = _iou(np.asarray(d["bbox"], dtype=np.float64), boxes)
+        iou = box_iou(_xyxy(np.asarray([d["bbox"]], dtype=np.float64)), _xyxy(boxes))[0].numpy()
         iou[[k for k, a in enumerate(cands) if a["id"] in taken]] = -1.0
         k = int(iou.argmax())
         if iou[k] < 0.5:
