@@ -96,6 +96,12 @@ def test_two_nodes_end_with_identical_weights(reference: tuple[Path, Path]) -> N
     # the ranks saw different images (local losses differ), yet the all-reduced gradient is the same
     assert any(a["level_losses"] != b["level_losses"] for a, b in zip(rank0, rank1, strict=True))
     assert [r["grad_norm"] for r in rank0] == [r["grad_norm"] for r in rank1]
+    # RLO's weights, action and window statistics are the same on both ranks, and moved once a window closed
+    for a, b in zip(rank0, rank1, strict=True):
+        assert a["level_weights"] == b["level_weights"] and a["weighting/action"] == b["weighting/action"]
+        assert {k: v for k, v in a.items() if k.startswith("weighting/")} == {
+            k: v for k, v in b.items() if k.startswith("weighting/")
+        }
     assert (ref / "metrics.json").exists()
 
 
@@ -103,11 +109,16 @@ def test_a_lost_node_then_resume_with_the_same_launch_is_bitwise_exact(reference
     data, ref = reference
     run = data / "interrupted"
     # rank 1 dies at iteration 3, after the checkpoint at 2: its node is lost
+    started = time.monotonic()
     results = _two_nodes(data, run, env={DIE_ENV: f"1:{MAX_ITER // 2 + 1}"})
     assert all(code != 0 for code, _ in results), [err[-2000:] for _, err in results]
+    assert time.monotonic() - started < 120  # the survivor stops instead of hanging
     errors = "".join(err for _, err in results)
     assert f"rank 1 exits at iteration {MAX_ITER // 2 + 1}" in errors
+    # the survivor says what happened and where to resume from
     assert f"rank 0: lost another rank at iteration {MAX_ITER // 2 + 1}" in errors
+    last = run / "checkpoints" / "last.pt"
+    assert f"{last} (iteration {MAX_ITER // 2}); continue with --resume" in errors
     assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == MAX_ITER // 2
 
     for code, err in _two_nodes(data, run, "--resume"):

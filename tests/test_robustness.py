@@ -1,6 +1,6 @@
 """Never lose a run: SIGKILL / SIGTERM and --resume are bitwise exact, corrupt checkpoints fall back,
 non-finite steps are skipped then stop the run, corrupt images mid-training are skipped, and a rank that
-dies under torchrun stops the others instead of hanging. See docs/robustness.md."""
+dies under torchrun stops the others instead of hanging (tests/test_multinode.py). See docs/robustness.md."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,6 @@ import robustdet.engine.trainer as trainer_mod
 from robustdet.cli import main
 from robustdet.engine.checkpoint import TEST_DELAY_ENV, load_checkpoint
 from tests.conftest import REPO, same_state, tiny_overrides
-from tests.rank_crash import DIE_ENV
 from tests.test_bad_input import coco_overrides, make_coco, truncate, write_image
 
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -47,12 +45,12 @@ RESUME: dict[str, object] = {
 # non-finite steps, corrupt images) need no slow iterations: RESUME on the tiny body, whose checkpoints are
 # under 1 MB where ResNet-18's are 136 MB (weights + AdamW state), and whose runs take a second or two.
 TINY: dict[str, object] = {"model.backbone": "tiny"}
-# the SIGKILL test runs over every weighting: RESUME with the weighting switched (None drops RESUME's key).
-# AVW and DWA take windows of 3, so that the checkpoints (every 2 iterations) fall inside a window too.
+# the other weightings' state through a resume (RESUME's own, RLO, goes through the SIGKILL and truncation
+# tests): RESUME with the weighting switched (None drops RESUME's key). AVW and DWA take windows of 3, so
+# that the checkpoints (every 2 iterations) fall inside a window too.
 WEIGHTING_RESUME: dict[str, dict[str, object]] = {
     "equal": {"weighting.name": "equal", "weighting.interval": None},
     "avw": {"weighting.name": "avw", "weighting.interval": 3},
-    "rlo": {},
     "uw": {"weighting.name": "uw", "weighting.interval": None},
     "dwa": {"weighting.name": "dwa", "weighting.interval": 3},
 }
@@ -148,50 +146,62 @@ def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 
 
 # ----------------------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("weighting", list(WEIGHTING_RESUME))
-def test_sigkill_anywhere_then_resume_is_bitwise_exact(
-    weighting: str, reference: tuple[Path, Path], tmp_path: Path
-) -> None:
+def test_sigkill_anywhere_then_resume_is_bitwise_exact(reference: tuple[Path, Path], tmp_path: Path) -> None:
     """SIGKILL twice at random moments (the first run with a data worker), once in the middle of a
-    checkpoint write, then --resume: the same weights, weighting state, log-variances, logs and metrics,
-    for every weighting (the window buffer mid-window for AVW and DWA; UW's u through the optimizer)."""
+    checkpoint write, then --resume: the same weights, RLO state, log-variances, logs and metrics. The other
+    weightings' state goes through a resume in the test below: a kill leaves nothing but the last checkpoint."""
     data, ref = reference
-    extra = WEIGHTING_RESUME[weighting]
-    if weighting != "rlo":  # RESUME's weighting is RLO: ``reference``; the others' are used here only
-        ref = tmp_path / "reference"
-        assert main(_argv(data, ref, extra)) == 0
     run = tmp_path / "killed"
     rng = random.Random(20240601)
 
-    first = _spawn(data, run, {**extra, "data.num_workers": 1})
+    first = _spawn(data, run, {"data.num_workers": 1})
     _wait("iteration 3", lambda: _logged(run) >= 3, first)  # the checkpoint of iteration 2 is complete
     time.sleep(rng.uniform(0.0, 0.4))
     _kill(first)
 
     target = min(_logged(run) + 2, 7)
-    second = _spawn(data, run, extra, "--resume")
+    second = _spawn(data, run, None, "--resume")
     _wait(f"iteration {target}", lambda: _logged(run) >= target, second)
     time.sleep(rng.uniform(0.0, 0.4))
     _kill(second)
 
     # the next checkpoint write sleeps between its complete temporary file and the renames
-    third = _spawn(data, run, extra, "--resume", env={TEST_DELAY_ENV: "60"})
+    third = _spawn(data, run, None, "--resume", env={TEST_DELAY_ENV: "60"})
     tmp = run / "checkpoints" / f".last.pt.tmp-{third.pid}"  # (an earlier kill may have left its own)
     _wait("a checkpoint write", tmp.exists, third)
     time.sleep(rng.uniform(0.0, 0.2))
     _kill(third)
     assert tmp.exists(), "the kill should have left the temporary file"
-    ckpt = run / "checkpoints"
-    load_checkpoint(ckpt / "last.pt")  # still the complete previous one
+    load_checkpoint(run / "checkpoints" / "last.pt")  # still the complete previous one
 
+    assert main(_argv(data, run, None, "--resume")) == 0
+    assert_same_run(run, ref)
+    assert not (load_checkpoint(ref / "checkpoints" / "last.pt")["weighting"]["weights"] == 1).all()
+
+
+@pytest.mark.parametrize("weighting", list(WEIGHTING_RESUME))
+def test_every_weighting_resumes_bitwise_from_a_mid_window_checkpoint(
+    weighting: str, tiny_reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A run whose last.pt is lost resumes from prev.pt (iteration 8) and ends as the uninterrupted run:
+    weights, the weighting's state (AVW's and DWA's window buffer mid-window, UW's u through the optimizer),
+    log-variances, logs and metrics. On the tiny body: the state, not the kill, is the point."""
+    data, _ = tiny_reference
+    extra = {**TINY, **WEIGHTING_RESUME[weighting]}
+    ref = tmp_path / "reference"
+    assert main(_argv(data, ref, extra)) == 0
+    run = tmp_path / "resumed"
+    shutil.copytree(ref, run)
+    (run / "checkpoints" / "last.pt").unlink()
+    ckpt = load_checkpoint(run / "checkpoints" / "prev.pt")
+    assert ckpt["iteration"] == 8
     assert main(_argv(data, run, extra, "--resume")) == 0
     assert_same_run(run, ref)
     # the weighting did something the resume had to carry over
     weights = load_checkpoint(ref / "checkpoints" / "last.pt")["weighting"]["weights"]
     assert (weights == 1).all() if weighting == "equal" else not (weights == 1).all()
-    if weighting in ("avw", "dwa"):  # some checkpoint was taken mid-window (iterations 2, 4 and 8 of windows of 3)
-        positions = {load_checkpoint(p)["weighting"]["_extra_state"]["position"] for p in ckpt.glob("*.pt")}
-        assert positions - {0}, positions
+    if weighting in ("avw", "dwa"):  # iteration 8 of windows of 3
+        assert ckpt["weighting"]["_extra_state"]["position"] == 2
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(reference: tuple[Path, Path], tmp_path: Path, capsys) -> None:
@@ -433,44 +443,5 @@ def test_corrupt_validation_image_in_a_worker_is_one_clean_error(tmp_path: Path,
     assert "Traceback" not in err and "Caught" not in err
 
 
-# ----------------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(
-    data: Path, out: Path, *flags: str, env: dict[str, str] | None = None, module: str = "robustdet.cli"
-) -> subprocess.CompletedProcess:
-    """``robustdet train`` on two ranks; ``module`` is what torchrun runs (tests/rank_crash.py crashes a rank)."""
-    overrides = tiny_overrides(
-        data,
-        {**RESUME, "train.max_iter": 4, "train.batch_size": 1, "train.dist_timeout_s": 30},
-    )
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", module, "train", CONFIG, *overrides, "--out", str(out),
-        *flags,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
-
-
-def test_a_dying_rank_stops_the_others_and_the_run_resumes(tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
-    started = time.monotonic()
-    proc = _torchrun(tmp_path, out, env={DIE_ENV: "1:3"}, module="tests.rank_crash")
-    assert proc.returncode != 0
-    assert time.monotonic() - started < 120
-    assert "rank 1 exits at iteration 3" in proc.stderr
-    # the survivor says what happened and where to resume from, instead of hanging
-    assert "rank 0: lost another rank at iteration 3" in proc.stderr
-    assert f"{out / 'checkpoints' / 'last.pt'} (iteration 2); continue with --resume" in proc.stderr
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 2
-
-    proc = _torchrun(tmp_path, out, "--resume")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["iter"] for r in _records(out / "log.jsonl")] == [1, 2, 3, 4]
-    assert [r["iter"] for r in _records(out / "log.rank1.jsonl")] == [1, 2, 3, 4]
-    assert (out / "metrics.json").exists()
+# A rank that dies under torchrun stops the others, which say where to resume: tests/test_multinode.py's
+# lost node, whose resume is also bitwise exact (the launch differs, the engine's path is the same).
