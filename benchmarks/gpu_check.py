@@ -293,10 +293,18 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device (use --device cpu --quick for a smoke run)")
+    previous = set_finite_checks(False)  # as the trainer runs the losses
+    try:
+        report(args, device)
+    finally:  # a caller in the same process (the tests) gets its checks back
+        set_finite_checks(previous)
+
+
+def report(args: argparse.Namespace, device: torch.device) -> None:
+    """Print the three tables (training step, losses, evaluation) and the goal's verdict."""
     setup = QUICK if args.quick else FULL
     deadline = Deadline(args.budget_s)
     started = time.perf_counter()
-    set_finite_checks(False)  # as the trainer runs the losses
     amp = device.type == "cuda" and not args.no_amp
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(

@@ -13,6 +13,18 @@ COCO128 = REPO.parent / "shared" / "data" / "coco128"
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _finite_checks_left_on() -> Iterator[None]:
+    """A test that leaves the losses' input checks off (the trainer turns them off for its loop) would make
+    later tests of those checks fail far from the cause: the test that leaked them fails instead."""
+    from robustdet.losses import finite_checks_enabled, set_finite_checks
+
+    yield
+    if not finite_checks_enabled():
+        set_finite_checks(True)
+        pytest.fail("the losses' finite checks were left switched off (set_finite_checks)")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _drop_module_temp_dirs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Remove the temp dirs a module made (``tmp_path_factory.mktemp``: its module-scoped runs) once it passed.
