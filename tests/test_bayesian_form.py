@@ -184,8 +184,9 @@ def test_log_var_warmup_holds_only_the_log_var_group_still():
 
 def _collapse_run(tmp_path, form):
     """configs/default.yaml's Bayesian RetinaNet at test scale (tiny body, 64 px, 400 images seen) with s free
-    to converge fast (log_var_lr 0.2): the σ study's setting (log_var_lr 0.02, 8,000 images) in small. Measured
-    (2026-12-03): ``paper`` ends with s_cls 0.75 and no detection, ``fixed_focus`` with 105, ``detached`` 1,600."""
+    to converge fast (log_var_lr 0.2): the σ study's setting (log_var_lr 0.02, 8,000 images) in small. Measured with
+    this helper for each form (2026-12-03, ``_collapse_run(tmp, form)``): ``paper`` ends with s_cls 0.75 and no
+    detection, ``fixed_focus`` with 105, ``detached`` with 1,600."""
     out = tmp_path / form
     args = ["train", str(REPO / "configs" / "default.yaml"), "--out", str(out), "model.backbone=tiny",
             "data.synthetic.image_size=64", "model.min_size=64", "model.max_size=64", "data.synthetic.num_train=128",
