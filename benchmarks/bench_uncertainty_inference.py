@@ -9,9 +9,11 @@ CPU, more than the costs measured, so the costs come from the parts that differ,
 the inputs they got in one forward: the head (dense detectors) and the detection step
 (``postprocess_detections``; Faster R-CNN's ``_detect``, box head included). bbox_std cost =
 (Δ head + Δ detection step) / plain forward; voting cost = (voting's detection step − bbox_std's) / plain
-forward. ``--score-thresh`` (default 0.005, as
-``bench_inference.py``) sends each level's top 1,000 candidates through NMS and voting, as a trained
-model's busy image does; at random initialisation torchvision's 0.05 would leave them nothing.
+forward, each Δ the median over repeats of the difference measured within one repeat (back to back: on a
+shared CPU the medians of the sides drift apart by more than the costs, their paired differences less).
+``--score-thresh`` (default 0.005, as ``bench_inference.py``) sends each level's top 1,000 candidates
+through NMS and voting, as a trained model's busy image does; at random initialisation torchvision's 0.05
+would leave them nothing.
 
 ``--stand-in-head`` replaces the α layers by α = clamp(½·regression) (no convolution): the cost of the
 post-processing alone (σ through the coder, voting), without the head's extra outputs.
@@ -115,8 +117,9 @@ def captured(model: torch.nn.Module, part: torch.nn.Module, method: str, images:
     return lambda: original(*seen["args"])
 
 
-def median_times(calls: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, float]:
-    """Median process CPU time of each call, alternating their order repeat by repeat."""
+def repeat_times(calls: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Process CPU time of each call in every repeat, the calls back to back in an order that alternates
+    repeat by repeat (so a difference of two calls within one repeat shares the machine's state)."""
     times: dict[str, list[float]] = {k: [] for k in calls}
     order = list(calls)
     for r in range(args.warmup + args.repeats):
@@ -126,7 +129,16 @@ def median_times(calls: dict[str, Callable[[], object]], args: argparse.Namespac
                 calls[label]()
             if r >= args.warmup:
                 times[label].append(time.process_time() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over repeats of time[a] − time[b], each difference within one repeat."""
+    return statistics.median(x - y for x, y in zip(times[a], times[b], strict=True))
 
 
 def measure(case: Case, name: str, args: argparse.Namespace) -> str:
@@ -137,15 +149,16 @@ def measure(case: Case, name: str, args: argparse.Namespace) -> str:
     if "bbox_std" not in out["bbox_std"][0]:
         raise RuntimeError(f"{name}: model.box_uncertainty gives no bbox_std (no α head?)")
     count = sum(len(d["boxes"]) for d in out["plain"]) / case.batch
-    full = median_times({k: partial(m, images) for k, m in models.items()}, args)
+    full = repeat_times({k: partial(m, images) for k, m in models.items()}, args)
     parts = {k: captured(m, m, DETECTION_STEP[name], images) for k, m in models.items()}
     if name != "faster_rcnn":  # its box head (and α layer) is inside _detect
         parts |= {f"head {k}": captured(m, m.head, "forward", images) for k, m in models.items()}
-    part = median_times(parts, args)
-    extra_head = part["head bbox_std"] - part["head plain"] if name != "faster_rcnn" else 0.0
-    plain = full["plain"]
-    std_cost = (extra_head + part["bbox_std"] - part["plain"]) / plain
-    vote_cost = (part["voting"] - part["bbox_std"]) / plain
+    part = repeat_times(parts, args)
+    extra_head = paired(part, "head bbox_std", "head plain") if name != "faster_rcnn" else 0.0
+    plain = median(full["plain"])
+    std_cost = (extra_head + paired(part, "bbox_std", "plain")) / plain
+    vote_cost = paired(part, "voting", "bbox_std") / plain
+    full, part = {k: median(v) for k, v in full.items()}, {k: median(v) for k, v in part.items()}
     return (
         f"| {name} | {case.name} | {count:.0f} | {plain * 1e3:.0f} | {full['bbox_std'] * 1e3:.0f} "
         f"| {full['voting'] * 1e3:.0f} | {part['plain'] * 1e3:.1f} / {part['bbox_std'] * 1e3:.1f} / "

@@ -71,6 +71,49 @@ def test_at_alpha_zero_without_warmup_it_is_the_plain_box_loss_exactly() -> None
     assert torch.equal(p1.grad, p2.grad)
 
 
+@pytest.mark.parametrize(("box_loss", "beta"), [("smooth_l1", 0.1), ("l1", 0.1)])
+def test_detached_form_trains_the_deltas_on_the_plain_loss_and_fits_alpha(box_loss: str, beta: float) -> None:
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(6, 5, 4, generator=g, dtype=torch.float64)
+    target = torch.randn(6, 5, 4, generator=g, dtype=torch.float64)
+    alpha = (3 * torch.randn(6, 5, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    loss = LossConfig(box_loss=box_loss, beta=beta, box_uncertainty_form="detached")
+    pred, plain_pred = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    out = uncertain_box_loss(pred, target, alpha, 1.0, loss)
+    plain = task_loss("box", plain_pred, target, None, LossConfig(box_loss=box_loss, beta=beta)).value
+    assert torch.equal(out.value, plain) and out.plain is not None and torch.equal(out.plain, plain.detach())
+    out.value.sum().backward()
+    plain.sum().backward()
+    assert torch.equal(pred.grad, plain_pred.grad)  # bitwise the plain box loss's gradient
+    c = 0.0 if box_loss == "l1" else beta
+    _, _, d_alpha = reference(base - target, alpha.detach(), c, 1.0)
+    torch.testing.assert_close(alpha.grad, d_alpha, rtol=1e-12, atol=1e-12)
+
+
+def test_detached_form_refuses_a_warmup_and_an_unknown_form() -> None:
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg("retinanet", box_uncertainty_form="detached", box_uncertainty_warmup=10)
+    assert "\n" not in str(err.value)
+    assert "loss.box_uncertainty_warmup > 0 with loss.box_uncertainty_form=detached" in str(err.value)
+    with pytest.raises(ConfigError, match=r"box_uncertainty_form"):
+        tiny_cfg("retinanet", box_uncertainty_form="kl_loss")
+
+
+@pytest.mark.parametrize("name", ["retinanet", "fcos", "faster_rcnn"])
+def test_detached_form_in_each_detector_logs_the_plain_loss_and_trains_alpha(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(name, box_uncertainty_form="detached"), 3).train()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]),
+                "labels": torch.tensor([1, 2])} for _ in images]
+    out = model(images, targets)
+    assert out.plain_level_losses is not None
+    torch.testing.assert_close(out.level_losses.detach(), out.plain_level_losses, rtol=0, atol=0)
+    out.total.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "bbox_log_var" in n]
+    assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
 def test_warmup_blend_starts_plain_and_ends_kl() -> None:
     ell = torch.tensor([0.0, 0.3, 2.0], dtype=torch.float64)
     alpha = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)

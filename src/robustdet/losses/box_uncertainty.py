@@ -17,6 +17,20 @@ the uncertainty term annealed in from the plain loss:
 
 (linear in w here; probdet anneals over its own schedule). d/dα_k = w·(1/2 − e^(−α_k)·ℓ_k), zero at
 e^(α_k) = ℓ_k·2: σ² tracks twice the loss of the box, which is what makes σ per box mean something.
+
+The KL-Loss also weights each delta's gradient by e^(−α_k): the boxes the head is sure of pull hardest.
+Here that halved AP on clean labels (docs/results.md, "Per-box uncertainty"), as the Bayesian losses' σ per
+task did (``bayesian_form.py``). ``loss.box_uncertainty_form`` (``BOX_UNCERTAINTY_FORMS``) takes the
+Bayesian losses' way out:
+
+| form     | gradient to δ_k        | gradient to α_k        | value (logged, weighted)     |
+|----------|------------------------|------------------------|------------------------------|
+| kl       | ((1 − w) + w·e^(−α))·ℓ' | w·(1/2 − e^(−α)·ℓ)    | (1 − w)·ℓ + w·(e^(−α)ℓ + α/2) |
+| detached | ℓ' (the plain loss's)  | 1/2 − e^(−α)·ℓ         | ℓ (the plain loss's)          |
+
+The detached form fits α to the detached deltas' loss, so σ per box is the same maximum-likelihood estimate
+of the current error, while the deltas train exactly as without it (α's gradient still reaches the shared
+box tower through the α layer).
 """
 
 from __future__ import annotations
@@ -28,6 +42,9 @@ from robustdet.losses._reduction import check_float, check_reduction, check_same
 from robustdet.losses.box import box_loss_row, coordinate_box_loss
 from robustdet.losses.config import LossConfig
 from robustdet.losses.task import TaskLoss
+
+# loss.box_uncertainty_form -> whether α is fitted on the detached deltas (module docstring's table)
+BOX_UNCERTAINTY_FORMS: dict[str, bool] = {"kl": False, "detached": True}
 
 
 def kl_box_loss(
@@ -57,12 +74,18 @@ def uncertain_box_loss(
 ) -> TaskLoss:
     """The KL-Loss of deltas ``pred`` [..., 4] against ``target`` with α = ``log_var`` [..., 4], summed over
     the 4 coordinates: ``TaskLoss(value [...], plain [...])``, plain the box loss without α (detached),
-    the measure the level weightings take."""
+    the measure the level weightings take. ``loss.box_uncertainty_form=detached``: the value is the plain
+    loss and α's gradient that of the KL-Loss on the detached deltas (module docstring's table)."""
     if box_loss_row(loss).decoded:
         raise ValueError(f"loss.box_loss={loss.box_loss} has no per-coordinate form for a per-box α")
+    if loss.box_uncertainty_form not in BOX_UNCERTAINTY_FORMS:
+        raise ValueError(f"unknown loss.box_uncertainty_form {loss.box_uncertainty_form!r}; one of kl, detached")
     plain = coordinate_box_loss(pred, target, loss)
+    if BOX_UNCERTAINTY_FORMS[loss.box_uncertainty_form]:
+        fitted = kl_box_loss(plain.detach(), log_var.to(plain.dtype))
+        return TaskLoss((plain + (fitted - fitted.detach())).sum(dim=-1), plain.detach().sum(dim=-1))
     value = kl_box_loss(plain, log_var.to(plain.dtype), weight).sum(dim=-1)
     return TaskLoss(value, plain.detach().sum(dim=-1))
 
 
-__all__ = ["kl_box_loss", "uncertain_box_loss"]
+__all__ = ["BOX_UNCERTAINTY_FORMS", "kl_box_loss", "uncertain_box_loss"]
