@@ -18,7 +18,7 @@ from tests.conftest import REPO
 
 E = REPO / "experiments" / "robust"
 METHODS = ["baseline", "bayesian", "box_uncertainty", "box_uncertainty+voting", "box_uncertainty+warmup",
-           "bootstrap", "label_smoothing", "gce", "brl"]
+           "box_uncertainty_detached", "box_uncertainty_detached+voting", "bootstrap", "label_smoothing", "gce", "brl"]
 NOISE = ["clean", "jitter40", "flip40", "drop40", "jitter20", "flip20", "drop20"]
 # issue 16's keys (branch perbox): until they land, the rows that set them cannot be built
 PENDING_KEYS = ("model.box_uncertainty", "model.var_voting")
@@ -60,6 +60,9 @@ def test_benchmark_has_every_method_and_kind():
     assert by[("bayesian", "clean", 0)].loss.bayesian
     assert by[("bootstrap", "flip40", 0)].loss.noisy_label_switches() == ["loss.cls_method=bootstrap"]
     assert by[("brl", "drop40", 2)].loss.noisy_label_switches() == ["loss.brl=true"]
+    voted = by[("box_uncertainty_detached+voting", "jitter40", 0)]
+    assert (voted.model.box_uncertainty, voted.model.var_voting, voted.loss.box_uncertainty_form) == (
+        True, True, "detached")
     # the method cells differ from the baseline's only in the method's own keys
     for m in ("label_smoothing", "gce", "brl"):
         a, b = by[(m, "drop40", 0)].model_dump(), base.model_copy(update={"seed": 0}).model_dump()
