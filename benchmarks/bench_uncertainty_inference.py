@@ -132,10 +132,6 @@ def repeat_times(calls: dict[str, Callable[[], object]], args: argparse.Namespac
     return times
 
 
-def median(times: list[float]) -> float:
-    return statistics.median(times)
-
-
 def paired(times: dict[str, list[float]], a: str, b: str) -> float:
     """The median over repeats of time[a] − time[b], each difference within one repeat."""
     return statistics.median(x - y for x, y in zip(times[a], times[b], strict=True))
@@ -155,14 +151,15 @@ def measure(case: Case, name: str, args: argparse.Namespace) -> str:
         parts |= {f"head {k}": captured(m, m.head, "forward", images) for k, m in models.items()}
     part = repeat_times(parts, args)
     extra_head = paired(part, "head bbox_std", "head plain") if name != "faster_rcnn" else 0.0
-    plain = median(full["plain"])
+    plain = statistics.median(full["plain"])
     std_cost = (extra_head + paired(part, "bbox_std", "plain")) / plain
     vote_cost = paired(part, "voting", "bbox_std") / plain
-    full, part = {k: median(v) for k, v in full.items()}, {k: median(v) for k, v in part.items()}
+    full_ms = {k: statistics.median(v) * 1e3 for k, v in full.items()}
+    part_ms = {k: statistics.median(v) * 1e3 for k, v in part.items()}
     return (
-        f"| {name} | {case.name} | {count:.0f} | {plain * 1e3:.0f} | {full['bbox_std'] * 1e3:.0f} "
-        f"| {full['voting'] * 1e3:.0f} | {part['plain'] * 1e3:.1f} / {part['bbox_std'] * 1e3:.1f} / "
-        f"{part['voting'] * 1e3:.1f} | {extra_head * 1e3:+.1f} | {std_cost:+.1%} | {vote_cost:+.1%} |"
+        f"| {name} | {case.name} | {count:.0f} | {plain * 1e3:.0f} | {full_ms['bbox_std']:.0f} "
+        f"| {full_ms['voting']:.0f} | {part_ms['plain']:.1f} / {part_ms['bbox_std']:.1f} / "
+        f"{part_ms['voting']:.1f} | {extra_head * 1e3:+.1f} | {std_cost:+.1%} | {vote_cost:+.1%} |"
     )
 
 

@@ -101,14 +101,22 @@ def test_detached_form_refuses_a_warmup_and_an_unknown_form() -> None:
 
 @pytest.mark.parametrize("name", ["retinanet", "fcos", "faster_rcnn"])
 def test_detached_form_in_each_detector_logs_the_plain_loss_and_trains_alpha(name: str) -> None:
-    torch.manual_seed(0)
-    model = build_model(tiny_cfg(name, box_uncertainty_form="detached"), 3).train()
-    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]),
                 "labels": torch.tensor([1, 2])} for _ in images]
-    out = model(images, targets)
-    assert out.plain_level_losses is not None
-    torch.testing.assert_close(out.level_losses.detach(), out.plain_level_losses, rtol=0, atol=0)
+    outs = {}
+    for form in ("kl", "detached"):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg(name, box_uncertainty_form=form), 3).train()
+        with torch.no_grad():  # α ≈ 0 at init, where the KL-Loss is the plain loss: move it off 0
+            for n, p in model.named_parameters():
+                if "bbox_log_var" in n and n.endswith("bias"):
+                    p.fill_(1.0)
+        outs[form] = model(images, targets)
+    out, kl = outs["detached"], outs["kl"]
+    assert kl.plain_level_losses is not None
+    torch.testing.assert_close(out.level_losses.detach(), kl.plain_level_losses)
+    assert not torch.allclose(kl.level_losses.detach(), kl.plain_level_losses, rtol=0.05)
     out.total.backward()
     grads = [p.grad for n, p in model.named_parameters() if "bbox_log_var" in n]
     assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)

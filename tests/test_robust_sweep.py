@@ -11,42 +11,19 @@ import sys
 
 import pytest
 
-from robustdet.config import load_config
-from robustdet.errors import ConfigError
-from robustdet.runs.sweep_spec import SweepSpec, build_cells, load_sweep_file, select_cells
+from robustdet.runs.sweep_spec import build_cells, load_sweep_file, select_cells
 from tests.conftest import REPO
 
 E = REPO / "experiments" / "robust"
 METHODS = ["baseline", "bayesian", "box_uncertainty", "box_uncertainty+voting", "box_uncertainty+warmup",
            "box_uncertainty_detached", "box_uncertainty_detached+voting", "bootstrap", "label_smoothing", "gce", "brl"]
 NOISE = ["clean", "jitter40", "flip40", "drop40", "jitter20", "flip20", "drop20"]
-# issue 16's keys (branch perbox): until they land, the rows that set them cannot be built
-PENDING_KEYS = ("model.box_uncertainty", "model.var_voting")
-
-
-def buildable(spec: SweepSpec) -> tuple[SweepSpec, list[str]]:
-    """``spec`` without the method rows whose keys do not exist yet (only issue 16's may be missing)."""
-    kept, pending = [], []
-    base = [f"{k}={v}" for k, v in spec.overrides.items()]
-    for label, overrides in spec.axes[0].levels:
-        try:
-            load_config(spec.config, base + [f"{k}={v}" for k, v in overrides.items()])
-            kept.append((label, overrides))
-        except ConfigError as exc:
-            assert any(k in str(exc) for k in PENDING_KEYS), f"method {label}: {exc}"
-            pending.append(label)
-    spec.axes[0].levels = kept
-    return spec, pending
-
-
 def test_benchmark_has_every_method_and_kind():
     spec = load_sweep_file(E / "robust.yaml")
     assert spec.seeds == [0, 1, 2]
     assert [(a.name, [lab for lab, _ in a.levels]) for a in spec.axes] == [("method", METHODS), ("noise", NOISE)]
-    spec, pending = buildable(spec)
-    assert set(pending) <= {"box_uncertainty", "box_uncertainty+voting", "box_uncertainty+warmup"}
-    cells = build_cells(spec)
-    assert len(cells) == (len(METHODS) - len(pending)) * len(NOISE) * 3
+    cells = build_cells(spec)  # every row builds: a key that does not exist fails here, no row is left out
+    assert len(cells) == len(METHODS) * len(NOISE) * 3
     by = {(c.labels["method"], c.labels["noise"], c.seed): c.cfg for c in cells}
     rates = {n: by[("baseline", n, 0)].data.train.label_noise for n in NOISE}
     for n, r in rates.items():
@@ -72,8 +49,8 @@ def test_benchmark_has_every_method_and_kind():
 
 def test_selection_runs_are_apart_from_the_reported_ones():
     sel = build_cells(load_sweep_file(E / "select.yaml"))
-    bench, _ = buildable(load_sweep_file(E / "robust.yaml"))
-    reported = build_cells(bench)
+    reported = build_cells(load_sweep_file(E / "robust.yaml"))
+    assert len(reported) == len(METHODS) * len(NOISE) * 3
     assert len(sel) == 11 * 3 and {c.seed for c in sel} == {100}
     assert not {c.seed for c in sel} & {c.seed for c in reported}
     # another generated dataset (train and validation split), and other noise draws
@@ -99,20 +76,13 @@ def only_args(script: str) -> list[list[str]]:
 
 
 def test_run_sh_names_existing_levels_and_covers_the_40_percent_cells_first():
-    spec, pending = buildable(load_sweep_file(E / "robust.yaml"))
+    spec = load_sweep_file(E / "robust.yaml")
     cells = build_cells(spec)
     runs = only_args("run.sh")
     assert len(runs) == 8
     seen: list[str] = []
     for only in runs:
-        kept = []
-        for item in only:  # the pending rows left out; a stage of pending rows only is skipped
-            axis, _, labels = item.partition("=")
-            labels = ",".join(lab for lab in labels.split(",") if lab not in pending)
-            kept.append(f"{axis}={labels}" if labels else None)
-        if None in kept:
-            continue
-        seen += [c.name for c in select_cells(cells, spec, kept) if c.name not in seen]
+        seen += [c.name for c in select_cells(cells, spec, only) if c.name not in seen]
     at_20 = [i for i, n in enumerate(seen) if re.search(r"noise=(jitter|flip|drop)20_", n)]
     forty = {c.name for c in cells if not re.search(r"noise=\w+20_", c.name)}
     # every clean and 40 % cell, all of them before any 20 % one; the 20 % ones for baseline and BEST only

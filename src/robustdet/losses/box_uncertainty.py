@@ -78,12 +78,11 @@ def uncertain_box_loss(
     loss and α's gradient that of the KL-Loss on the detached deltas (module docstring's table)."""
     if box_loss_row(loss).decoded:
         raise ValueError(f"loss.box_loss={loss.box_loss} has no per-coordinate form for a per-box α")
-    if loss.box_uncertainty_form not in BOX_UNCERTAINTY_FORMS:
-        raise ValueError(f"unknown loss.box_uncertainty_form {loss.box_uncertainty_form!r}; one of kl, detached")
     plain = coordinate_box_loss(pred, target, loss)
     if BOX_UNCERTAINTY_FORMS[loss.box_uncertainty_form]:
         fitted = kl_box_loss(plain.detach(), log_var.to(plain.dtype))
-        return TaskLoss((plain + (fitted - fitted.detach())).sum(dim=-1), plain.detach().sum(dim=-1))
+        value = (plain + (fitted - fitted.detach())).sum(dim=-1)
+        return TaskLoss(value, value.detach())
     value = kl_box_loss(plain, log_var.to(plain.dtype), weight).sum(dim=-1)
     return TaskLoss(value, plain.detach().sum(dim=-1))
 
