@@ -95,6 +95,8 @@ def test_detached_form_refuses_a_warmup_and_an_unknown_form() -> None:
         tiny_cfg("retinanet", box_uncertainty_form="detached", box_uncertainty_warmup=10)
     assert "\n" not in str(err.value)
     assert "loss.box_uncertainty_warmup > 0 with loss.box_uncertainty_form=detached" in str(err.value)
+    with pytest.raises(ValueError, match="box_uncertainty_form=isolated"):
+        LossConfig(box_uncertainty_form="isolated", box_uncertainty_warmup=10)
     with pytest.raises(ConfigError, match=r"box_uncertainty_form"):
         tiny_cfg("retinanet", box_uncertainty_form="kl_loss")
 
@@ -120,6 +122,46 @@ def test_detached_form_in_each_detector_logs_the_plain_loss_and_trains_alpha(nam
     out.total.backward()
     grads = [p.grad for n, p in model.named_parameters() if "bbox_log_var" in n]
     assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def non_alpha_grads(name: str, form: str | None, state: dict | None, alpha_bias: float = 0.0):
+    """The gradients of every parameter but the α layer's after one training forward of ``name`` on fixed
+    data, with ``form`` (None: model.box_uncertainty off), the weights ``state`` where given (the α layer's
+    bias set to ``alpha_bias``), and the state it started from."""
+    cfg = tiny_cfg(name, **({} if form is None else {"box_uncertainty_form": form}))
+    if form is None:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"box_uncertainty": False})})
+    torch.manual_seed(0)
+    model = build_model(cfg, 3).train()
+    if state is not None:
+        model.load_state_dict(state, strict=False)  # a plain model has no α layer: those keys are left out
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "bbox_log_var" in n and n.endswith("bias"):
+                p.fill_(alpha_bias)
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]),
+                "labels": torch.tensor([1, 2])} for _ in images]
+    torch.manual_seed(1)  # Faster R-CNN samples its proposals
+    model(images, targets).total.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "bbox_log_var" not in n and p.grad is not None}
+    alpha = [p.grad for n, p in model.named_parameters() if "bbox_log_var" in n]
+    return grads, alpha, model.state_dict()
+
+
+@pytest.mark.parametrize("name", ["retinanet", "fcos", "faster_rcnn"])
+def test_isolated_form_trains_the_detector_as_the_plain_one(name: str) -> None:
+    _, _, state = non_alpha_grads(name, "isolated", None)
+    plain, _, _ = non_alpha_grads(name, None, state)
+    for bias in (1.0, -2.0):  # away from α = 0, where every form is the plain loss
+        isolated, alpha, _ = non_alpha_grads(name, "isolated", state, bias)
+        assert isolated.keys() == plain.keys()
+        for n, g in plain.items():
+            torch.testing.assert_close(isolated[n], g, rtol=1e-5, atol=1e-7, msg=n)
+        assert alpha and all(g is not None and bool(g.abs().sum() > 0) for g in alpha)
+    # the detached form's α reaches the box tower: its gradients differ there, so the check above can fail
+    detached, _, _ = non_alpha_grads(name, "detached", state, 1.0)
+    assert any(not torch.allclose(detached[n], g, rtol=1e-3, atol=1e-6) for n, g in plain.items())
 
 
 def test_warmup_blend_starts_plain_and_ends_kl() -> None:

@@ -6,7 +6,7 @@ as a float or a 0-dim tensor (gradients flow to it). See docs/losses.md for the 
 
 from robustdet.losses._reduction import finite_checks_enabled, set_finite_checks
 from robustdet.losses.box import BOX_LOSSES, BoxLoss, box_loss_row
-from robustdet.losses.box_uncertainty import kl_box_loss, uncertain_box_loss
+from robustdet.losses.box_uncertainty import detaches_features, kl_box_loss, uncertain_box_loss
 from robustdet.losses.config import LossConfig
 from robustdet.losses.focal import (
     bayesian_binary_cross_entropy,
@@ -31,6 +31,7 @@ __all__ = [
     "bayesian_focal_loss_and_plain",
     "bayesian_smooth_l1_loss",
     "box_loss_row",
+    "detaches_features",
     "finite_checks_enabled",
     "kl_box_loss",
     "log_tau",

@@ -27,13 +27,18 @@ Bayesian losses' way out:
 |----------|------------------------|------------------------|------------------------------|
 | kl       | ((1 − w) + w·e^(−α))·ℓ' | w·(1/2 − e^(−α)·ℓ)    | (1 − w)·ℓ + w·(e^(−α)ℓ + α/2) |
 | detached | ℓ' (the plain loss's)  | 1/2 − e^(−α)·ℓ         | ℓ (the plain loss's)          |
+| isolated | ℓ' (the plain loss's)  | 1/2 − e^(−α)·ℓ         | ℓ (the plain loss's)          |
 
 The detached form fits α to the detached deltas' loss, so σ per box is the same maximum-likelihood estimate
-of the current error, while the deltas train exactly as without it (α's gradient still reaches the shared
-box tower through the α layer).
+of the current error, while the deltas train exactly as without it; α's gradient still reaches the shared
+box tower through the α layer. The isolated form also detaches the features the α layer reads (the heads,
+``models/heads.py``), so that nothing but the α layer learns from α: the detector trains as the plain one
+and σ per box is a read-out beside it.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,8 +48,23 @@ from robustdet.losses.box import box_loss_row, coordinate_box_loss
 from robustdet.losses.config import LossConfig
 from robustdet.losses.task import TaskLoss
 
-# loss.box_uncertainty_form -> whether α is fitted on the detached deltas (module docstring's table)
-BOX_UNCERTAINTY_FORMS: dict[str, bool] = {"kl": False, "detached": True}
+
+class BoxUncertaintyForm(NamedTuple):
+    detach_deltas: bool  # α fitted on the detached deltas, the deltas on the plain box loss
+    detach_features: bool  # the α layer reads the detached tower (box head) features
+
+
+# loss.box_uncertainty_form -> what α's loss is kept from (module docstring's table)
+BOX_UNCERTAINTY_FORMS: dict[str, BoxUncertaintyForm] = {
+    "kl": BoxUncertaintyForm(detach_deltas=False, detach_features=False),
+    "detached": BoxUncertaintyForm(detach_deltas=True, detach_features=False),
+    "isolated": BoxUncertaintyForm(detach_deltas=True, detach_features=True),
+}
+
+
+def detaches_features(loss: LossConfig) -> bool:
+    """Whether the α layers read detached features (``loss.box_uncertainty_form=isolated``)."""
+    return BOX_UNCERTAINTY_FORMS[loss.box_uncertainty_form].detach_features
 
 
 def kl_box_loss(
@@ -74,12 +94,12 @@ def uncertain_box_loss(
 ) -> TaskLoss:
     """The KL-Loss of deltas ``pred`` [..., 4] against ``target`` with α = ``log_var`` [..., 4], summed over
     the 4 coordinates: ``TaskLoss(value [...], plain [...])``, plain the box loss without α (detached),
-    the measure the level weightings take. ``loss.box_uncertainty_form=detached``: the value is the plain
-    loss and α's gradient that of the KL-Loss on the detached deltas (module docstring's table)."""
+    the measure the level weightings take. ``loss.box_uncertainty_form`` detached or isolated: the value is
+    the plain loss and α's gradient that of the KL-Loss on the detached deltas (module docstring's table)."""
     if box_loss_row(loss).decoded:
         raise ValueError(f"loss.box_loss={loss.box_loss} has no per-coordinate form for a per-box α")
     plain = coordinate_box_loss(pred, target, loss)
-    if BOX_UNCERTAINTY_FORMS[loss.box_uncertainty_form]:
+    if BOX_UNCERTAINTY_FORMS[loss.box_uncertainty_form].detach_deltas:
         fitted = kl_box_loss(plain.detach(), log_var.to(plain.dtype))
         value = (plain + (fitted - fitted.detach())).sum(dim=-1)
         return TaskLoss(value, value.detach())
@@ -87,4 +107,4 @@ def uncertain_box_loss(
     return TaskLoss(value, plain.detach().sum(dim=-1))
 
 
-__all__ = ["BOX_UNCERTAINTY_FORMS", "kl_box_loss", "uncertain_box_loss"]
+__all__ = ["BOX_UNCERTAINTY_FORMS", "BoxUncertaintyForm", "detaches_features", "kl_box_loss", "uncertain_box_loss"]

@@ -34,8 +34,9 @@ class LossConfig(Section):
     box_log_var_range: tuple[float, float] = (-7.0, 7.0)
     box_uncertainty_warmup: int = Field(0, ge=0)
     # kl: He et al.'s KL-Loss trains the deltas (e^(−α) weights their loss); detached: α is fitted on the
-    # detached deltas and the deltas train on the plain box loss (losses/box_uncertainty.py, BOX_UNCERTAINTY_FORMS)
-    box_uncertainty_form: Literal["kl", "detached"] = "kl"
+    # detached deltas and the deltas train on the plain box loss; isolated: the α layers also read detached
+    # features, so only they learn from α (losses/box_uncertainty.py, BOX_UNCERTAINTY_FORMS)
+    box_uncertainty_form: Literal["kl", "detached", "isolated"] = "kl"
 
     @model_validator(mode="after")
     def _check(self) -> LossConfig:
@@ -55,10 +56,10 @@ class LossConfig(Section):
             raise ValueError("loss.log_var_range must be (low, high) with low < high")
         if self.box_log_var_range[0] >= self.box_log_var_range[1]:
             raise ValueError("loss.box_log_var_range must be (low, high) with low < high")
-        if self.box_uncertainty_form == "detached" and self.box_uncertainty_warmup > 0:
+        if self.box_uncertainty_form != "kl" and self.box_uncertainty_warmup > 0:
             raise ValueError(
-                "loss.box_uncertainty_warmup > 0 with loss.box_uncertainty_form=detached: the warm-up blends the "
-                "KL term into the deltas' loss, which the detached form never does; set the warm-up to 0"
+                f"loss.box_uncertainty_warmup > 0 with loss.box_uncertainty_form={self.box_uncertainty_form}: the "
+                "warm-up blends the KL term into the deltas' loss, which that form never does; set the warm-up to 0"
             )
         return self
 

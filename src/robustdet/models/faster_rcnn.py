@@ -47,7 +47,15 @@ from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_laye
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
 from torchvision.ops.poolers import initLevelMapper
 
-from robustdet.losses import LogVariances, LossConfig, TaskLoss, box_loss_row, task_loss, uncertain_box_loss
+from robustdet.losses import (
+    LogVariances,
+    LossConfig,
+    TaskLoss,
+    box_loss_row,
+    detaches_features,
+    task_loss,
+    uncertain_box_loss,
+)
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, check_per_level, loss_dtype
@@ -191,7 +199,10 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
             box_roi_pool=roi_pool,
             box_head=box_head,
             box_predictor=box_predictor(
-                REPRESENTATION_SIZE, num_classes + 1, loss.box_log_var_range if m.box_uncertainty else None
+                REPRESENTATION_SIZE,
+                num_classes + 1,
+                loss.box_log_var_range if m.box_uncertainty else None,
+                detaches_features(loss),
             ),
             box_score_thresh=m.score_thresh,
             box_nms_thresh=m.nms_thresh,

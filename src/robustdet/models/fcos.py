@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS
 
-from robustdet.losses import LogVariances, LossConfig, TaskLoss
+from robustdet.losses import LogVariances, LossConfig, TaskLoss, detaches_features
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import check_per_level
 from robustdet.models.box_std import DetectionTransform, distance_std
@@ -197,6 +197,7 @@ class PerLevelFCOS(DenseDetector, FCOS):
             norm_layer,
             m.prior_probability,
             log_var_range=loss.box_log_var_range if m.box_uncertainty else None,
+            detach_features=detaches_features(loss),
         )
         return cls(
             backbone,

@@ -6,7 +6,9 @@ on them. What they add is a place for more outputs: a dense head returns a dict 
 [B, A, ...] (``cls_logits``, ``bbox_regression``, FCOS's ``bbox_ctrness``), and with a
 ``log_var_range`` (``model.box_uncertainty``) one more, ``bbox_log_var`` [B, A, 4]: α = log σ² of each
 regression output, from a layer beside the box regression on the same tower (one 3x3 conv), clamped to
-the range here so that every consumer (loss, ``bbox_std``, voting) sees the same α. Faster R-CNN's box
+the range here so that every consumer (loss, ``bbox_std``, voting) sees the same α. With
+``detach_features`` (``loss.box_uncertainty_form=isolated``) the α layer reads the tower detached: α's
+loss trains that layer only. Faster R-CNN's box
 predictor returns (class logits, deltas, α) likewise, α [R, 4·(C+1)] in the layout of the deltas.
 
 The α layers are initialised as KL-Loss does (He et al. 2019, section 3.3): weights ~ N(0, 10⁻⁴), bias 0,
@@ -68,10 +70,15 @@ class RetinaNetBoxHead(RetinaNetRegressionHead):
         num_anchors: int,
         norm_layer: NormLayer | None = None,
         log_var_range: tuple[float, float] | None = None,
+        detach_features: bool = False,
     ) -> None:
         super().__init__(in_channels, num_anchors, norm_layer=norm_layer)
         self.log_var_range = log_var_range
+        self.detach_features = detach_features
         self.bbox_log_var = None if log_var_range is None else log_var_conv(in_channels, num_anchors * 4)
+
+    def alpha_input(self, tower: Tensor) -> Tensor:
+        return tower.detach() if self.detach_features else tower
 
     def outputs(self, x: list[Tensor]) -> dict[str, Tensor]:
         """``bbox_regression`` [N, A, 4] (torchvision's forward) and ``bbox_log_var`` [N, A, 4] when on."""
@@ -79,7 +86,7 @@ class RetinaNetBoxHead(RetinaNetRegressionHead):
             return {"bbox_regression": self(x)}
         # one tower pass feeds both layers: the same ops as torchvision's forward, so the deltas are its own
         towers = [self.conv(f) for f in x]
-        log_var = torch.cat([per_anchor(self.bbox_log_var(t), 4) for t in towers], dim=1)
+        log_var = torch.cat([per_anchor(self.bbox_log_var(self.alpha_input(t)), 4) for t in towers], dim=1)
         return {
             "bbox_regression": torch.cat([per_anchor(self.bbox_reg(t), 4) for t in towers], dim=1),
             "bbox_log_var": clamp_log_var(log_var, self.log_var_range),
@@ -96,13 +103,14 @@ class RetinaNetDenseHead(RetinaNetHead):
         num_classes: int,
         norm_layer: NormLayer | None = None,
         log_var_range: tuple[float, float] | None = None,
+        detach_features: bool = False,
     ) -> None:
         # torchvision's two sub-heads in torchvision's order: the same random initialisation as its own head
         nn.Module.__init__(self)
         self.classification_head = RetinaNetClassificationHead(
             in_channels, num_anchors, num_classes, norm_layer=norm_layer
         )
-        self.regression_head = RetinaNetBoxHead(in_channels, num_anchors, norm_layer, log_var_range)
+        self.regression_head = RetinaNetBoxHead(in_channels, num_anchors, norm_layer, log_var_range, detach_features)
 
     def forward(self, x: list[Tensor]) -> dict[str, Tensor]:  # type: ignore[override]
         return {"cls_logits": self.classification_head(x), **self.regression_head.outputs(x)}
@@ -118,10 +126,15 @@ class FCOSBoxHead(FCOSRegressionHead):
         num_anchors: int,
         norm_layer: NormLayer | None = None,
         log_var_range: tuple[float, float] | None = None,
+        detach_features: bool = False,
     ) -> None:
         super().__init__(in_channels, num_anchors, norm_layer=norm_layer)
         self.log_var_range = log_var_range
+        self.detach_features = detach_features
         self.bbox_log_var = None if log_var_range is None else log_var_conv(in_channels, num_anchors * 4)
+
+    def alpha_input(self, tower: Tensor) -> Tensor:
+        return tower.detach() if self.detach_features else tower
 
     def outputs(self, x: list[Tensor]) -> dict[str, Tensor]:
         """``bbox_regression`` [N, A, 4], ``bbox_ctrness`` [N, A, 1] and ``bbox_log_var`` [N, A, 4] when on."""
@@ -129,7 +142,7 @@ class FCOSBoxHead(FCOSRegressionHead):
             regression, ctrness = self(x)
             return {"bbox_regression": regression, "bbox_ctrness": ctrness}
         towers = [self.conv(f) for f in x]
-        log_var = torch.cat([per_anchor(self.bbox_log_var(t), 4) for t in towers], dim=1)
+        log_var = torch.cat([per_anchor(self.bbox_log_var(self.alpha_input(t)), 4) for t in towers], dim=1)
         return {
             "bbox_regression": torch.cat([per_anchor(nn.functional.relu(self.bbox_reg(t)), 4) for t in towers], 1),
             "bbox_ctrness": torch.cat([per_anchor(self.bbox_ctrness(t), 1) for t in towers], dim=1),
@@ -148,6 +161,7 @@ class FCOSDenseHead(FCOSHead):
         norm_layer: NormLayer,
         prior_probability: float,
         log_var_range: tuple[float, float] | None = None,
+        detach_features: bool = False,
     ) -> None:
         # FCOSHead builds its sub-heads with GroupNorm(32) and has no norm argument; num_convs=0 makes it
         # build none, and the sub-heads are replaced with the configured ones (same parameter names). The
@@ -156,7 +170,9 @@ class FCOSDenseHead(FCOSHead):
         self.classification_head = FCOSClassificationHead(
             in_channels, 1, num_classes, prior_probability=prior_probability, norm_layer=norm_layer
         )
-        self.regression_head = FCOSBoxHead(in_channels, 1, norm_layer=norm_layer, log_var_range=log_var_range)
+        self.regression_head = FCOSBoxHead(
+            in_channels, 1, norm_layer=norm_layer, log_var_range=log_var_range, detach_features=detach_features
+        )
 
     def forward(self, x: list[Tensor]) -> dict[str, Tensor]:  # type: ignore[override]
         return {"cls_logits": self.classification_head(x), **self.regression_head.outputs(x)}
@@ -165,24 +181,28 @@ class FCOSDenseHead(FCOSHead):
 class UncertainFastRCNNPredictor(FastRCNNPredictor):
     """torchvision's box predictor with α per class-specific delta: (class logits, deltas, α)."""
 
-    def __init__(self, in_channels: int, num_classes: int, log_var_range: tuple[float, float]) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, log_var_range: tuple[float, float], detach_features: bool = False
+    ) -> None:
         super().__init__(in_channels, num_classes)
         self.log_var_range = log_var_range
+        self.detach_features = detach_features
         self.bbox_log_var = log_var_linear(in_channels, num_classes * 4)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         scores, deltas = super().forward(x)
-        log_var = self.bbox_log_var(x.flatten(start_dim=1))
+        features = x.flatten(start_dim=1)
+        log_var = self.bbox_log_var(features.detach() if self.detach_features else features)
         return scores, deltas, clamp_log_var(log_var, self.log_var_range)
 
 
 def box_predictor(
-    in_channels: int, num_classes: int, log_var_range: tuple[float, float] | None
+    in_channels: int, num_classes: int, log_var_range: tuple[float, float] | None, detach_features: bool = False
 ) -> FastRCNNPredictor:
     """Faster R-CNN's box predictor (``num_classes`` with background), with α when ``log_var_range``."""
     if log_var_range is None:
         return FastRCNNPredictor(in_channels, num_classes)
-    return UncertainFastRCNNPredictor(in_channels, num_classes, log_var_range)
+    return UncertainFastRCNNPredictor(in_channels, num_classes, log_var_range, detach_features)
 
 
 __all__ = [

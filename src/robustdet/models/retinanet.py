@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.retinanet import RetinaNet
 
 from robustdet.box_coder import BoxCoder
-from robustdet.losses import LogVariances, LossConfig, TaskLoss
+from robustdet.losses import LogVariances, LossConfig, TaskLoss, detaches_features
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import build_backbone, level_names
 from robustdet.models.base import check_per_level
@@ -102,6 +102,7 @@ class PerLevelRetinaNet(DenseDetector, RetinaNet):
             num_classes,
             norm_layer=norm_layer,
             log_var_range=loss.box_log_var_range if m.box_uncertainty else None,
+            detach_features=detaches_features(loss),
         )
         # RetinaNetHead always uses prior 0.01; the configured prior sets the initial foreground probability
         nn.init.constant_(
