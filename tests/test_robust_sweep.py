@@ -119,3 +119,38 @@ def test_recovery_table_on_made_up_runs(tmp_path):
 @pytest.mark.parametrize("script", ["run.sh", "report.sh"])
 def test_scripts_are_valid_bash(script):
     subprocess.run(["bash", "-n", str(E / script)], check=True)
+
+
+def test_archive_keeps_the_compared_files_and_merges_the_summaries(tmp_path):
+    runs, dest = tmp_path / "runs", tmp_path / "dest"
+    fields = ["cell", "method", "noise", "seed", "status", "AP"]
+
+    def write(path, rows, names=fields):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(names)
+            w.writerows(rows)
+
+    # committed: a lost cell (a) and one being rerun (b); the sweep: b still running, then c done
+    write(dest / "summary.csv", [["a", "baseline", "clean", 0, "done", 30.0], ["b", "gce", "clean", 0, "done", 29.0]])
+    write(runs / "summary.csv", [["b", "gce", "clean", 0, "running", ""], ["c", "brl", "clean", 0, "done", 28.0]],
+          fields)
+    for name, finished in (("b", False), ("c", True)):
+        cell = runs / name
+        cell.mkdir()
+        (cell / "cell.json").write_text('{"labels": {"method": "x"}}')
+        (cell / "config.yaml").write_text("seed: 0\n")
+        (cell / "checkpoint.pt").write_bytes(b"big")
+        (cell / "log.jsonl").write_text('{"iter": 1, "loss": 2}\n{"iter": 2, "loss": 1}\n{"event": "end"}\n')
+        if finished:
+            (cell / "metrics.json").write_text('{"bbox": {"AP": 28.0}}')
+    subprocess.run([sys.executable, str(E / "archive.py"), str(runs), str(dest)], check=True, capture_output=True)
+    assert sorted(p.name for p in (dest / "cells").iterdir()) == ["c", "summary.csv"]
+    kept = dest / "cells" / "c"
+    assert sorted(p.name for p in kept.iterdir()) == ["cell.json", "config.yaml", "log.jsonl", "metrics.json"]
+    assert (kept / "log.jsonl").read_text() == '{"iter": 2, "loss": 1}\n'
+    with (dest / "summary.csv").open() as f:
+        rows = {r["cell"]: r for r in csv.DictReader(f)}
+    assert [(k, r["status"], r["AP"]) for k, r in rows.items()] == [
+        ("a", "done", "30.0"), ("b", "done", "29.0"), ("c", "done", "28.0")]
