@@ -17,7 +17,7 @@ from tests.conftest import REPO
 E = REPO / "experiments" / "robust"
 METHODS = ["baseline", "bayesian", "box_uncertainty", "box_uncertainty+voting", "box_uncertainty+warmup",
            "box_uncertainty_detached", "box_uncertainty_detached+voting", "box_uncertainty_isolated",
-           "box_uncertainty_isolated+voting", "bootstrap", "label_smoothing", "gce", "brl"]
+           "box_uncertainty_isolated+voting", "bootstrap", "label_smoothing", "gce", "brl", "best"]
 NOISE = ["clean", "jitter40", "flip40", "drop40", "jitter20", "flip20", "drop20"]
 def test_benchmark_has_every_method_and_kind():
     spec = load_sweep_file(E / "robust.yaml")
@@ -38,6 +38,7 @@ def test_benchmark_has_every_method_and_kind():
     assert by[("bayesian", "clean", 0)].loss.bayesian
     assert by[("bootstrap", "flip40", 0)].loss.noisy_label_switches() == ["loss.cls_method=bootstrap"]
     assert by[("brl", "drop40", 2)].loss.noisy_label_switches() == ["loss.brl=true"]
+    assert by[("best", "flip40", 0)].loss.noisy_label_switches() == ["loss.cls_method=bootstrap", "loss.brl=true"]
     voted = by[("box_uncertainty_detached+voting", "jitter40", 0)]
     assert (voted.model.box_uncertainty, voted.model.var_voting, voted.loss.box_uncertainty_form) == (
         True, True, "detached")
@@ -83,7 +84,7 @@ def test_run_sh_names_existing_levels_and_covers_the_40_percent_cells_first():
     spec = load_sweep_file(E / "robust.yaml")
     cells = build_cells(spec)
     runs = only_args("run.sh")
-    assert len(runs) == 8
+    assert len(runs) == 9
     seen: list[str] = []
     for only in runs:
         seen += [c.name for c in select_cells(cells, spec, only) if c.name not in seen]
