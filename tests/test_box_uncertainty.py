@@ -305,3 +305,22 @@ def test_cli_refuses_giou_with_box_uncertainty_in_one_line(tmp_path: Path, capsy
     assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "model.box_uncertainty=true" in err[0] and "loss.box_loss=giou" in err[0], err
+
+
+@pytest.mark.parametrize("name", ["retinanet", "faster_rcnn"])
+def test_isolated_form_trains_the_plain_detector_bitwise(name: str, tmp_path: Path) -> None:
+    """The whole run through the CLI, with a clipping norm so small that every step clips: the detector's
+    weights end equal to the plain run's, bitwise (same initialisation, same draws, clipped apart from α)."""
+    common = {**DETECTOR_KEYS[name], "loss.bayesian": "false", "train.max_iter": 3, "train.clip_grad_norm": 0.01}
+    _train(tmp_path, tmp_path / "plain", common)
+    _train(tmp_path, tmp_path / "isolated", {**common, "model.box_uncertainty": "true",
+                                             "loss.box_uncertainty_form": "isolated"})
+    a = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "isolated" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    alpha = [k for k in b if "bbox_log_var" in k]
+    assert alpha and set(b) - set(a) == {*alpha, "box_uncertainty_iter"}
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+    grads = [json.loads(line)["grad_norm"] for line in (tmp_path / "isolated" / "log.jsonl").read_text().splitlines()]
+    plain = [json.loads(line)["grad_norm"] for line in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
+    assert all(g > p for g, p in zip(grads, plain, strict=True))  # α's gradients counted in the logged norm

@@ -70,6 +70,7 @@ class Trainer:
         self.log: RunLog | None = None
         self.evaluation: PeriodicEval | None = None
         self._params: list[nn.Parameter] = []  # what the gradient clipping sees
+        self._isolated_params: list[nn.Parameter] = []  # clipped on their own (Detector.isolated_parameters)
         self._weighting_params: list[nn.Parameter] = []  # a weighting's own, outside the DDP model
         # the loop's bookkeeping
         self.checkpoints = Checkpointer(self.out_dir / "checkpoints", cfg.checkpoint.period)
@@ -109,7 +110,10 @@ class Trainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel
         self.model = state.model if self.world == 1 else ddp(state.model, device_ids=device_ids)
-        self._params = [p for g in state.optimizer.param_groups for p in g["params"]]
+        isolated = {id(p) for p in state.model.isolated_parameters()}
+        params = [p for g in state.optimizer.param_groups for p in g["params"]]
+        self._params = [p for p in params if id(p) not in isolated]
+        self._isolated_params = [p for p in params if id(p) in isolated]
         self._weighting_params = [p for p in state.weighting.parameters() if p.requires_grad]
         self.autocast_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.train_loader = build_train_loader(
@@ -266,6 +270,9 @@ class Trainer:
         dist.average_gradients(self._weighting_params)
         clip = self.cfg.train.clip_grad_norm if self.cfg.train.clip_grad_norm is not None else math.inf
         step.grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, clip))
+        if self._isolated_params:  # the norm over all gradients, as one clipping would report it
+            alpha_norm = float(torch.nn.utils.clip_grad_norm_(self._isolated_params, clip))
+            step.grad_norm = math.hypot(step.grad_norm, alpha_norm)
 
     def _skip(self, step: Step) -> None:
         """A non-finite loss or gradient: log it, skip the step, stop after too many in a row."""

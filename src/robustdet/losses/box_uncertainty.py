@@ -32,8 +32,9 @@ Bayesian losses' way out:
 The detached form fits α to the detached deltas' loss, so σ per box is the same maximum-likelihood estimate
 of the current error, while the deltas train exactly as without it; α's gradient still reaches the shared
 box tower through the α layer. The isolated form also detaches the features the α layer reads (the heads,
-``models/heads.py``), so that nothing but the α layer learns from α: the detector trains as the plain one
-and σ per box is a read-out beside it.
+``models/heads.py``), so that nothing but the α layer learns from α; with the α layer's initialisation
+and gradient clipping kept apart too (``models/heads.py``, ``Detector.isolated_parameters``) the detector
+trains as the plain one, bitwise, and σ per box is a read-out beside it.
 """
 
 from __future__ import annotations

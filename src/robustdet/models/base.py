@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from robustdet import distributed as dist
-from robustdet.losses import LogVariances, LossConfig, box_loss_row
+from robustdet.losses import LogVariances, LossConfig, box_loss_row, detaches_features
 from robustdet.models.voting import DEFAULT_SIGMA_T
 from robustdet.section import Section
 
@@ -188,6 +188,10 @@ def normalise(per_image_level: Tensor, num_foreground: Tensor, mode: str) -> Ten
     return per_image_level.sum(dim=0) / divisor
 
 
+# the α layers' attribute name in every head and box predictor (models/heads.py)
+ALPHA_LAYER = "bbox_log_var"
+
+
 class Detector(abc.ABC):
     """The contract between a detector and the engine (mixed into a torchvision detector ``nn.Module``).
 
@@ -242,6 +246,14 @@ class Detector(abc.ABC):
             return 1.0
         step: Tensor = as_module(self).get_buffer("box_uncertainty_iter")
         return (step.to(torch.float32) / float(warmup)).clamp(max=1.0)
+
+    def isolated_parameters(self) -> list[nn.Parameter]:
+        """The α layers' parameters when ``loss.box_uncertainty_form=isolated`` (else none): the trainer clips
+        their gradients apart from the detector's, so that α's gradient cannot scale the detector's update
+        through the shared clipping norm."""
+        if not self.box_uncertainty or not detaches_features(self.loss_cfg):
+            return []
+        return [p for n, p in as_module(self).named_parameters() if ALPHA_LAYER in n]
 
     def count_training_forward(self) -> None:
         """One more training forward for the warm-up (a no-op without ``box_uncertainty``)."""

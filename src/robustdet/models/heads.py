@@ -8,7 +8,9 @@ on them. What they add is a place for more outputs: a dense head returns a dict 
 regression output, from a layer beside the box regression on the same tower (one 3x3 conv), clamped to
 the range here so that every consumer (loss, ``bbox_std``, voting) sees the same α. With
 ``detach_features`` (``loss.box_uncertainty_form=isolated``) the α layer reads the tower detached: α's
-loss trains that layer only. Faster R-CNN's box
+loss trains that layer only, its initial weights are drawn apart from the global random stream and the
+trainer clips its gradients apart (``Detector.isolated_parameters``), so the detector trains as the plain
+one, bitwise. Faster R-CNN's box
 predictor returns (class logits, deltas, α) likewise, α [R, 4·(C+1)] in the layout of the deltas.
 
 The α layers are initialised as KL-Loss does (He et al. 2019, section 3.3): weights ~ N(0, 10⁻⁴), bias 0,
@@ -19,6 +21,7 @@ the head, one more key in its ``outputs``; the loss step reads it by name (``den
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -34,20 +37,29 @@ LOG_VAR_INIT_STD = 1e-4  # KL-Loss's Gaussian initialisation of the α layer
 NormLayer = Callable[..., nn.Module]
 
 
-def log_var_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
-    """The 3x3 conv predicting α, initialised as KL-Loss does (N(0, 10⁻⁴), bias 0)."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-    nn.init.normal_(conv.weight, std=LOG_VAR_INIT_STD)
-    nn.init.zeros_(conv.bias)
+def log_var_conv(in_channels: int, out_channels: int, keep_rng: bool = False) -> nn.Conv2d:
+    """The 3x3 conv predicting α, initialised as KL-Loss does (N(0, 10⁻⁴), bias 0); with ``keep_rng``
+    drawn without advancing the global random stream (:func:`_alpha_init`)."""
+    with _alpha_init(keep_rng):
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        nn.init.normal_(conv.weight, std=LOG_VAR_INIT_STD)
+        nn.init.zeros_(conv.bias)
     return conv
 
 
-def log_var_linear(in_features: int, out_features: int) -> nn.Linear:
-    """The fc layer predicting α in a box predictor, initialised as KL-Loss does."""
-    fc = nn.Linear(in_features, out_features)
-    nn.init.normal_(fc.weight, std=LOG_VAR_INIT_STD)
-    nn.init.zeros_(fc.bias)
+def log_var_linear(in_features: int, out_features: int, keep_rng: bool = False) -> nn.Linear:
+    """The fc layer predicting α in a box predictor, initialised as KL-Loss does (``keep_rng`` as above)."""
+    with _alpha_init(keep_rng):
+        fc = nn.Linear(in_features, out_features)
+        nn.init.normal_(fc.weight, std=LOG_VAR_INIT_STD)
+        nn.init.zeros_(fc.bias)
     return fc
+
+
+def _alpha_init(keep_rng: bool) -> AbstractContextManager[object]:
+    """The isolated α layer (``detach_features``) draws its weights from a fork of the global random
+    stream, so that every later draw (the layers built after it, the training's) is the plain model's."""
+    return torch.random.fork_rng(devices=[]) if keep_rng else nullcontext()
 
 
 def per_anchor(x: Tensor, k: int) -> Tensor:
@@ -75,7 +87,9 @@ class RetinaNetBoxHead(RetinaNetRegressionHead):
         super().__init__(in_channels, num_anchors, norm_layer=norm_layer)
         self.log_var_range = log_var_range
         self.detach_features = detach_features
-        self.bbox_log_var = None if log_var_range is None else log_var_conv(in_channels, num_anchors * 4)
+        self.bbox_log_var = (
+            None if log_var_range is None else log_var_conv(in_channels, num_anchors * 4, keep_rng=detach_features)
+        )
 
     def alpha_input(self, tower: Tensor) -> Tensor:
         return tower.detach() if self.detach_features else tower
@@ -131,7 +145,9 @@ class FCOSBoxHead(FCOSRegressionHead):
         super().__init__(in_channels, num_anchors, norm_layer=norm_layer)
         self.log_var_range = log_var_range
         self.detach_features = detach_features
-        self.bbox_log_var = None if log_var_range is None else log_var_conv(in_channels, num_anchors * 4)
+        self.bbox_log_var = (
+            None if log_var_range is None else log_var_conv(in_channels, num_anchors * 4, keep_rng=detach_features)
+        )
 
     def alpha_input(self, tower: Tensor) -> Tensor:
         return tower.detach() if self.detach_features else tower
@@ -187,7 +203,7 @@ class UncertainFastRCNNPredictor(FastRCNNPredictor):
         super().__init__(in_channels, num_classes)
         self.log_var_range = log_var_range
         self.detach_features = detach_features
-        self.bbox_log_var = log_var_linear(in_channels, num_classes * 4)
+        self.bbox_log_var = log_var_linear(in_channels, num_classes * 4, keep_rng=detach_features)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         scores, deltas = super().forward(x)
