@@ -62,6 +62,11 @@ def _alpha_init(keep_rng: bool) -> AbstractContextManager[object]:
     return torch.random.fork_rng(devices=[]) if keep_rng else nullcontext()
 
 
+def alpha_input(features: Tensor, detach: bool) -> Tensor:
+    """What the α layer reads: the features, detached for the isolated form (no gradient into the tower)."""
+    return features.detach() if detach else features
+
+
 def per_anchor(x: Tensor, k: int) -> Tensor:
     """torchvision's layout of a head output: [N, A·k, H, W] → [N, H·W·A, k]."""
     n, _, h, w = x.shape
@@ -91,16 +96,14 @@ class RetinaNetBoxHead(RetinaNetRegressionHead):
             None if log_var_range is None else log_var_conv(in_channels, num_anchors * 4, keep_rng=detach_features)
         )
 
-    def alpha_input(self, tower: Tensor) -> Tensor:
-        return tower.detach() if self.detach_features else tower
-
     def outputs(self, x: list[Tensor]) -> dict[str, Tensor]:
         """``bbox_regression`` [N, A, 4] (torchvision's forward) and ``bbox_log_var`` [N, A, 4] when on."""
         if self.bbox_log_var is None or self.log_var_range is None:
             return {"bbox_regression": self(x)}
         # one tower pass feeds both layers: the same ops as torchvision's forward, so the deltas are its own
         towers = [self.conv(f) for f in x]
-        log_var = torch.cat([per_anchor(self.bbox_log_var(self.alpha_input(t)), 4) for t in towers], dim=1)
+        alpha = [self.bbox_log_var(alpha_input(t, self.detach_features)) for t in towers]
+        log_var = torch.cat([per_anchor(a, 4) for a in alpha], dim=1)
         return {
             "bbox_regression": torch.cat([per_anchor(self.bbox_reg(t), 4) for t in towers], dim=1),
             "bbox_log_var": clamp_log_var(log_var, self.log_var_range),
@@ -149,16 +152,14 @@ class FCOSBoxHead(FCOSRegressionHead):
             None if log_var_range is None else log_var_conv(in_channels, num_anchors * 4, keep_rng=detach_features)
         )
 
-    def alpha_input(self, tower: Tensor) -> Tensor:
-        return tower.detach() if self.detach_features else tower
-
     def outputs(self, x: list[Tensor]) -> dict[str, Tensor]:
         """``bbox_regression`` [N, A, 4], ``bbox_ctrness`` [N, A, 1] and ``bbox_log_var`` [N, A, 4] when on."""
         if self.bbox_log_var is None or self.log_var_range is None:
             regression, ctrness = self(x)
             return {"bbox_regression": regression, "bbox_ctrness": ctrness}
         towers = [self.conv(f) for f in x]
-        log_var = torch.cat([per_anchor(self.bbox_log_var(self.alpha_input(t)), 4) for t in towers], dim=1)
+        alpha = [self.bbox_log_var(alpha_input(t, self.detach_features)) for t in towers]
+        log_var = torch.cat([per_anchor(a, 4) for a in alpha], dim=1)
         return {
             "bbox_regression": torch.cat([per_anchor(nn.functional.relu(self.bbox_reg(t)), 4) for t in towers], 1),
             "bbox_ctrness": torch.cat([per_anchor(self.bbox_ctrness(t), 1) for t in towers], dim=1),
@@ -208,7 +209,7 @@ class UncertainFastRCNNPredictor(FastRCNNPredictor):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         scores, deltas = super().forward(x)
         features = x.flatten(start_dim=1)
-        log_var = self.bbox_log_var(features.detach() if self.detach_features else features)
+        log_var = self.bbox_log_var(alpha_input(features, self.detach_features))
         return scores, deltas, clamp_log_var(log_var, self.log_var_range)
 
 
