@@ -44,7 +44,7 @@ def test_loss_and_both_gradients_against_float64_reference(box_loss: str, beta: 
     pred = torch.randn(6, 5, 4, generator=g, dtype=torch.float64).requires_grad_(True)
     target = torch.randn(6, 5, 4, generator=g, dtype=torch.float64)
     alpha = (3 * torch.randn(6, 5, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
-    loss = LossConfig(box_loss=box_loss, beta=beta)
+    loss = LossConfig(box_loss=box_loss, beta=beta, box_uncertainty_form="kl")
     out = uncertain_box_loss(pred, target, alpha, w, loss)
     assert out.value.shape == (6, 5) and out.plain is not None and not out.plain.requires_grad
     out.value.sum().backward()
@@ -97,6 +97,10 @@ def test_detached_form_refuses_a_warmup_and_an_unknown_form() -> None:
     assert "loss.box_uncertainty_warmup > 0 with loss.box_uncertainty_form=detached" in str(err.value)
     with pytest.raises(ValueError, match="box_uncertainty_form=isolated"):
         LossConfig(box_uncertainty_form="isolated", box_uncertainty_warmup=10)
+    # the default form is isolated: a warm-up alone names the form it needs
+    assert LossConfig().box_uncertainty_form == "isolated"
+    with pytest.raises(ValueError, match=r"set the warm-up to 0 or loss\.box_uncertainty_form=kl"):
+        LossConfig(box_uncertainty_warmup=10)
     with pytest.raises(ConfigError, match=r"box_uncertainty_form"):
         tiny_cfg("retinanet", box_uncertainty_form="kl_loss")
 
@@ -185,7 +189,7 @@ def tiny_cfg(name: str, **loss: object):
 
 def test_detector_warmup_weight_follows_its_training_forwards() -> None:
     torch.manual_seed(0)
-    model = build_model(tiny_cfg("retinanet", box_uncertainty_warmup=4), 3).train()
+    model = build_model(tiny_cfg("retinanet", box_uncertainty_form="kl", box_uncertainty_warmup=4), 3).train()
     images = [torch.rand(3, 64, 64)]
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])}]
     seen = []
@@ -281,7 +285,8 @@ DETECTOR_KEYS: dict[str, dict[str, object]] = {
 @pytest.mark.parametrize("name", list(DETECTOR_KEYS))
 def test_cli_trains_with_box_uncertainty_and_resumes_exactly(name: str, tmp_path: Path) -> None:
     extra = {**DETECTOR_KEYS[name], "model.box_uncertainty": "true", "loss.bayesian": "false",
-             "loss.box_uncertainty_warmup": 3, "train.max_iter": 4, "checkpoint.period": 2}
+             "loss.box_uncertainty_form": "kl", "loss.box_uncertainty_warmup": 3, "train.max_iter": 4,
+             "checkpoint.period": 2}
     run = tmp_path / "run"
     _train(tmp_path, run, extra)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

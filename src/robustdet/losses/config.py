@@ -33,10 +33,11 @@ class LossConfig(Section):
     # coordinate is clamped to (probdet's), and the iterations over which the KL term is blended in
     box_log_var_range: tuple[float, float] = (-7.0, 7.0)
     box_uncertainty_warmup: int = Field(0, ge=0)
-    # kl: He et al.'s KL-Loss trains the deltas (e^(−α) weights their loss); detached: α is fitted on the
-    # detached deltas and the deltas train on the plain box loss; isolated: the α layers also read detached
-    # features, so only they learn from α (losses/box_uncertainty.py, BOX_UNCERTAINTY_FORMS)
-    box_uncertainty_form: Literal["kl", "detached", "isolated"] = "kl"
+    # isolated (the default): the α layers read detached features and α is fitted on the detached deltas, so
+    # the detector trains as without α (bitwise) and σ per box is a read-out; detached: α's gradient still
+    # reaches the shared box tower; kl: He et al.'s KL-Loss trains the deltas (e^(−α) weights their loss),
+    # which halved AP in docs/results.md (losses/box_uncertainty.py, BOX_UNCERTAINTY_FORMS)
+    box_uncertainty_form: Literal["kl", "detached", "isolated"] = "isolated"
 
     @model_validator(mode="after")
     def _check(self) -> LossConfig:
@@ -59,7 +60,8 @@ class LossConfig(Section):
         if self.box_uncertainty_form != "kl" and self.box_uncertainty_warmup > 0:
             raise ValueError(
                 f"loss.box_uncertainty_warmup > 0 with loss.box_uncertainty_form={self.box_uncertainty_form}: the "
-                "warm-up blends the KL term into the deltas' loss, which that form never does; set the warm-up to 0"
+                "warm-up blends the KL term into the deltas' loss, which that form never does; set the warm-up to 0 "
+                "or loss.box_uncertainty_form=kl"
             )
         return self
 
