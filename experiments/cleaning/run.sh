@@ -6,7 +6,7 @@
 # clean validation split as robust.yaml's cells are; summarize.py compares them with those cells.
 #   experiments/cleaning/run.sh KIND PERCENT SEED [OUT]      e.g. drop 40 0 (KIND: flip, jitter, drop)
 #   .venv/bin/python experiments/cleaning/summarize.py runs/cleaning/drop40_s0
-# Rerunning the same command resumes it (the audit resumes its folds; a finished training is skipped).
+# CONTROL=0 trains on cleaned.json only. Rerunning the same command resumes it (the audit resumes its folds; a finished training is skipped).
 set -eu
 KIND=$1; PCT=$2; SEED=$3; OUT=${4:-runs/cleaning}
 cd "$(dirname "$0")/../.."
@@ -29,7 +29,8 @@ a["images"] = sorted(a["images"] + b["images"], key=lambda i: i["id"])
 a["annotations"] = sorted(a["annotations"] + b["annotations"], key=lambda x: x["id"])
 json.dump(a, open(f"{d}/noisy.json", "w"))
 PY
-for J in cleaned noisy; do
+# CONTROL=0 skips the noisy-json control (it gave the sweep's AP to every digit on drop40 seed 0)
+for J in cleaned $([ "${CONTROL:-1}" = 0 ] || echo noisy); do
     P=$([ $J = cleaned ] && echo "$D/audit/cleaned.json" || echo "$D/noisy.json")
     [ -f "$D/train_$J/metrics.json" ] || $R train configs/default.yaml "${CELL[@]}" eval.period=250 \
         checkpoint.period=250 "data.train={format: coco, path: $P, image_root: $ROOT}" --out "$D/train_$J" --resume
