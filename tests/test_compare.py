@@ -137,6 +137,11 @@ def test_sweep_labels_and_grid_keys_from_cells():
         "method=avw noise=0": "method=baseline noise=0", "method=avw noise=20": "method=baseline noise=20"}
     d = paired_difference(comp.groups[3].values("AP"), comp.groups[1].values("AP"))
     assert d.mean == pytest.approx(1.0) and d.std == pytest.approx(0.0)
+    # without the baseline at noise 20, avw at 20 has none (not the baseline at noise 0)
+    partial = build_comparison([r for r in runs[:-1] if r.name not in {"baseline200", "baseline201", "baseline202"}],
+                               baseline="method=baseline")
+    assert {k: v.label if v else None for k, v in partial.base.items()} == {
+        "method=baseline noise=0": None, "method=avw noise=0": "method=baseline noise=0", "method=avw noise=20": None}
     # a full label names one baseline for everyone
     one = baselines(comp.groups, "method=baseline noise=0")
     assert {v.label for v in one.values() if v} == {"method=baseline noise=0"}

@@ -236,14 +236,15 @@ def baselines(groups: Sequence[Group], selector: str) -> dict[str, Group | None]
     """Each group's baseline group (None for a baseline itself, or where none fits).
 
     ``selector`` names one group (its label, or one of its runs), or some of the labels (``method=baseline``):
-    then every group is compared with the selected group that has its other labels (its noise level, say).
+    then every group is compared with the selected group that has its other labels (its noise level, say),
+    and a group with no such baseline gets none, also when only one baseline group exists.
     """
     chosen, keys = selected_groups(groups, selector)
     out: dict[str, Group | None] = {}
     for g in groups:
         if any(g is c for c in chosen):
             out[g.label] = None
-        elif len(chosen) == 1:
+        elif len(chosen) == 1 and not keys:  # one group named: everyone's baseline
             out[g.label] = chosen[0]
         else:
             fits = [c for c in chosen if all(c.labels.get(k) == v for k, v in g.labels.items() if k not in keys)]
