@@ -231,3 +231,14 @@ def test_compare_cli_plain_table_and_grouped_statistics(tmp_path, capsys):
     (tmp_path / "eq" / "config.yaml").write_text("seed: [0\n")
     assert main(["compare", str(tmp_path / "eq"), str(tmp_path / "avw")]) == 2
     assert "config.yaml: not valid YAML" in capsys.readouterr().err
+
+
+def test_settings_of_a_switch_that_is_off_are_not_part_of_a_result():
+    from robustdet.runs.settings import result_config
+
+    off = {"model": {"box_uncertainty": False}, "loss": {"box_uncertainty_form": "kl", "box_uncertainty_warmup": 0}}
+    other = {"model": {"box_uncertainty": False}, "loss": {"box_uncertainty_form": "isolated"}}
+    assert result_config(off) == result_config(other) == {"model.box_uncertainty": False}
+    on = {"model": {"box_uncertainty": True}, "loss": {"box_uncertainty_form": "kl"}}
+    assert result_config(on) == {"model.box_uncertainty": True, "loss.box_uncertainty_form": "kl"}
+    assert result_config({"loss": {"box_uncertainty_form": "kl", "beta": 0.1}}) == {"loss.beta": 0.1}

@@ -23,6 +23,13 @@ IGNORED_KEYS: tuple[str, ...] = (
 )
 
 
+# Settings read only when a switch is on: with the switch off (or absent) they cannot change a result, so a
+# changed default of theirs does not make earlier runs "another config" (switch -> the keys it owns).
+SWITCHED_KEYS: dict[str, tuple[str, ...]] = {
+    "model.box_uncertainty": ("loss.box_uncertainty_form", "loss.box_uncertainty_warmup", "loss.box_log_var_range"),
+}
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
     out: dict[str, Any] = {}
@@ -41,9 +48,11 @@ def matches(key: str, patterns: Iterable[str]) -> bool:
 
 
 def result_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The flattened config without ``seed`` and the settings in IGNORED_KEYS."""
+    """The flattened config without ``seed``, the settings in IGNORED_KEYS and those of a switch that is off
+    (SWITCHED_KEYS)."""
     flat = flatten(config)
-    return {k: v for k, v in flat.items() if k != "seed" and not matches(k, IGNORED_KEYS)}
+    unread = [k for switch, keys in SWITCHED_KEYS.items() if not flat.get(switch) for k in keys]
+    return {k: v for k, v in flat.items() if k != "seed" and not matches(k, IGNORED_KEYS) and k not in unread}
 
 
 def yaml_inline(value: Any) -> str:
@@ -56,4 +65,4 @@ def value_text(value: Any) -> str:
     return value if isinstance(value, str) else yaml_inline(value)
 
 
-__all__ = ["IGNORED_KEYS", "flatten", "matches", "result_config", "value_text", "yaml_inline"]
+__all__ = ["IGNORED_KEYS", "SWITCHED_KEYS", "flatten", "matches", "result_config", "value_text", "yaml_inline"]
