@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,26 @@ def by_id(coco: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 
 def matched_drops(added: list[dict[str, Any]], dropped: list[dict[str, Any]]) -> int:
-    """How many added boxes match a dropped clean box of their image and class (IoU >= 0.5, each once)."""
-    hits, used = 0, set()
+    """How many added boxes match a dropped clean box of their image and class (IoU >= 0.5, each once;
+    greedy in the order the boxes were added)."""
+    groups: dict[tuple[int, int], list[list[float]]] = defaultdict(list)
+    for d in dropped:
+        groups[(d["image_id"], d["category_id"])].append(d["bbox"])
+    candidates: dict[tuple[int, int], list[list[float]]] = defaultdict(list)
     for a in added:
-        for d in dropped:
-            if d["id"] in used or d["image_id"] != a["image_id"] or d["category_id"] != a["category_id"]:
-                continue
-            pair = box_convert(torch.tensor([a["bbox"], d["bbox"]], dtype=torch.float64), "xywh", "xyxy")
-            if float(box_iou(pair[:1], pair[1:])[0, 0]) >= 0.5:
-                hits, _ = hits + 1, used.add(d["id"])
-                break
+        candidates[(a["image_id"], a["category_id"])].append(a["bbox"])
+    hits = 0
+    for key, boxes in candidates.items():
+        if key not in groups:
+            continue
+        xyxy = [box_convert(torch.tensor(b, dtype=torch.float64), "xywh", "xyxy") for b in (boxes, groups[key])]
+        iou = box_iou(*xyxy)
+        free = torch.ones(iou.shape[1], dtype=torch.bool)
+        for row in iou:
+            match = torch.nonzero((row >= 0.5) & free)
+            if len(match):
+                free[match[0, 0]] = False
+                hits += 1
     return hits
 
 
