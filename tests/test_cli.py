@@ -66,6 +66,29 @@ def test_resume_from_previous_checkpoint_is_bitwise_exact(trained_run):
     assert strip == [{k: v for k, v in json.loads(x).items() if k != "time"} for x in log_b]
 
 
+
+def test_resume_ignores_the_settings_of_a_switch_that_is_off(trained_run, capsys):
+    """A checkpoint written before a default of loss.box_uncertainty_* changed resumes when
+    model.box_uncertainty is off (found on a sweep cell of stop 24); any other model/loss change is refused."""
+    tmp, run = trained_run
+    extra = {"train.max_iter": 6, "checkpoint.period": 3, "weighting.interval": 2}
+    for name, change, code in (("old_default", {"box_uncertainty_form": "kl"}, 0), ("other_loss", {"beta": 0.5}, 2)):
+        resumed = tmp / name
+        shutil.copytree(run, resumed)
+        (resumed / "checkpoints" / "last.pt").unlink()
+        prev = resumed / "checkpoints" / "prev.pt"
+        state = torch.load(prev, weights_only=True)
+        state["config"]["loss"].update(change)
+        torch.save(state, prev)
+        argv = ["train", CONFIG, *tiny_overrides(tmp, extra), "--out", str(resumed), "--resume"]
+        assert main(argv) == code, name
+        if code == 0:
+            a = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+            b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["model"]
+            assert all(torch.equal(v, b[k]) for k, v in a.items())
+        else:
+            assert "model/loss config of" in capsys.readouterr().err
+
 def test_eval_predict_report_compare(trained_run, tmp_path, capsys):
     tmp, run = trained_run
     ckpt = str(run / "checkpoints" / "last.pt")

@@ -192,6 +192,40 @@ class Config(Section):
         return self
 
 
+# Settings read only when a switch is on: with the switch off (or absent) they cannot change a result, so a
+# changed default of theirs does not make an earlier run "another config", neither for a sweep's cells
+# (runs/settings.py) nor for --resume (switch -> the keys it owns).
+SWITCHED_KEYS: dict[str, tuple[str, ...]] = {
+    "model.box_uncertainty": ("loss.box_uncertainty_form", "loss.box_uncertainty_warmup", "loss.box_log_var_range"),
+}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def unread_keys(flat: dict[str, Any]) -> list[str]:
+    """The keys of a flattened config that belong to a switch that is off (SWITCHED_KEYS)."""
+    return [k for switch, keys in SWITCHED_KEYS.items() if not flat.get(switch) for k in keys]
+
+
+def trains_alike(a: Config, b: Config) -> bool:
+    """``a`` and ``b`` build the same model and loss: equal ``model`` and ``loss`` sections, up to the
+    settings of a switch that is off."""
+    flat_a, flat_b = (flatten({"model": c.model.model_dump(mode="json"), "loss": c.loss.model_dump(mode="json")})
+                      for c in (a, b))  # fmt: skip
+    unread = set(unread_keys(flat_a)) | set(unread_keys(flat_b))
+    return {k: v for k, v in flat_a.items() if k not in unread} == {k: v for k, v in flat_b.items() if k not in unread}
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict, values parsed as YAML."""
     tree: dict[str, Any] = {}
@@ -372,6 +406,7 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 __all__ = [
+    "SWITCHED_KEYS",
     "AugmentConfig",
     "Config",
     "ConfigError",
@@ -384,7 +419,10 @@ __all__ = [
     "config_from_dict",
     "config_from_stored",
     "config_to_yaml",
+    "flatten",
     "load_config",
     "parse_overrides",
+    "trains_alike",
+    "unread_keys",
 ]
 

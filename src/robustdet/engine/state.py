@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from robustdet import distributed as dist
-from robustdet.config import Config, config_from_stored
+from robustdet.config import Config, config_from_stored, trains_alike
 from robustdet.engine.best import BestTracker
 from robustdet.engine.checkpoint import find_resumable, rng_state, set_rng_state
 from robustdet.errors import CheckpointError, ConfigError
@@ -78,7 +78,7 @@ class TrainState:
         if missing:
             raise CheckpointError(f"{path}: not a training checkpoint of robustdet (no {', '.join(missing)})")
         saved = config_from_stored(state["config"], f"{path} config")
-        if saved.model != cfg.model or saved.loss != cfg.loss:
+        if not trains_alike(saved, cfg):
             raise ConfigError(
                 f"--resume: the model/loss config of {path} differs from this run's config "
                 "(resume with the run's own config, e.g. its config.yaml)"

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from robustdet.config import SWITCHED_KEYS, flatten, unread_keys
+
 # Settings that cannot change what a run learns or scores (data order does not depend on the worker count,
 # evaluation saves and restores the random streams, docs/robustness.md): runs that differ only here are
 # the same experiment.
@@ -23,25 +25,6 @@ IGNORED_KEYS: tuple[str, ...] = (
 )
 
 
-# Settings read only when a switch is on: with the switch off (or absent) they cannot change a result, so a
-# changed default of theirs does not make earlier runs "another config" (switch -> the keys it owns).
-SWITCHED_KEYS: dict[str, tuple[str, ...]] = {
-    "model.box_uncertainty": ("loss.box_uncertainty_form", "loss.box_uncertainty_warmup", "loss.box_log_var_range"),
-}
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def matches(key: str, patterns: Iterable[str]) -> bool:
     """``patterns`` hold exact keys, and prefixes ending with a dot (a whole section)."""
     return any(key == p or (p.endswith(".") and key.startswith(p)) or key.startswith(p + ".") for p in patterns)
@@ -51,7 +34,7 @@ def result_config(config: dict[str, Any]) -> dict[str, Any]:
     """The flattened config without ``seed``, the settings in IGNORED_KEYS and those of a switch that is off
     (SWITCHED_KEYS)."""
     flat = flatten(config)
-    unread = [k for switch, keys in SWITCHED_KEYS.items() if not flat.get(switch) for k in keys]
+    unread = unread_keys(flat)
     return {k: v for k, v in flat.items() if k != "seed" and not matches(k, IGNORED_KEYS) and k not in unread}
 
 
