@@ -138,7 +138,8 @@ def bench_split(args: argparse.Namespace) -> list[str]:
 
 def bench_uncertainty(args: argparse.Namespace) -> list[str]:
     cfg = load_config(REPO / "configs" / "default.yaml", ["loss.bayesian=false"])
-    with_unc = load_config(REPO / "configs" / "default.yaml", ["loss.bayesian=false", "model.box_uncertainty=true"])
+    with_unc = load_config(REPO / "configs" / "default.yaml", ["loss.bayesian=false", "model.box_uncertainty=true",
+                                                              f"loss.box_uncertainty_form={args.form}"])
     num_classes = cfg.data.synthetic.num_classes
     torch.manual_seed(0)
     plain = build_model(cfg, num_classes).train()
@@ -147,7 +148,8 @@ def bench_uncertainty(args: argparse.Namespace) -> list[str]:
     images, targets = make_batch(cfg.train.batch_size, cfg.model.min_size, 4, num_classes)
     step = alternate(stepper(unc, images, targets), stepper(plain, images, targets), args.repeats, args.warmup)
     return [
-        f"| box_uncertainty (demo config, batch {cfg.train.batch_size}) | step | {step[0]:.1f} | {step[1]:.1f} | "
+        f"| box_uncertainty, form {args.form} (demo config, batch {cfg.train.batch_size}) | step "
+        f"| {step[0]:.1f} | {step[1]:.1f} | "
         f"{step[0] / step[1]:.3f} |"
     ]
 
@@ -160,6 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--old-rev", default=OLD_REV)
     parser.add_argument("--only", choices=["split", "uncertainty"], default=None)
+    parser.add_argument("--form", choices=["isolated", "kl", "detached"], default="isolated",
+                        help="loss.box_uncertainty_form of the box_uncertainty side (the default's: isolated)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} repeats (medians)")

@@ -8,9 +8,12 @@ torch thread) of each. The whole forward's medians differ by a few percent from 
 CPU, more than the costs measured, so the costs come from the parts that differ, timed the same way on
 the inputs they got in one forward: the head (dense detectors) and the detection step
 (``postprocess_detections``; Faster R-CNN's ``_detect``, box head included). bbox_std cost =
-(Δ head + Δ detection step) / plain forward; voting cost = (voting's detection step − bbox_std's) / plain
-forward, each Δ the median over repeats of the difference measured within one repeat (back to back: on a
-shared CPU the medians of the sides drift apart by more than the costs, their paired differences less).
+(α layers + Δ detection step) / plain forward, the α layers timed on their own (their convs, layout and
+clamp on the towers captured in one forward: the difference of two whole heads, also printed, moved by
+±10 ms from run to run at 2 x 512 px around a layer that takes about 6 ms); voting cost = (voting's
+detection step − bbox_std's) / plain forward, each Δ the median over repeats of the difference measured
+within one repeat (back to back: on a shared CPU the medians of the sides drift apart by more than the
+costs, their paired differences less).
 ``--score-thresh`` (default 0.005, as ``bench_inference.py``) sends each level's top 1,000 candidates
 through NMS and voting, as a trained model's busy image does; at random initialisation torchvision's 0.05
 would leave them nothing.
@@ -34,6 +37,7 @@ import torch
 from bench_train_step import CASES, Case, make_batch, make_cfg
 from robustdet.config import config_from_dict
 from robustdet.models import build_model
+from robustdet.models.heads import clamp_log_var, per_anchor
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")
 
@@ -117,6 +121,22 @@ def captured(model: torch.nn.Module, part: torch.nn.Module, method: str, images:
     return lambda: original(*seen["args"])
 
 
+def alpha_layers(model: torch.nn.Module, images: list[torch.Tensor]) -> Callable:
+    """The α layers' own work in an eval forward of a dense ``model``, on the towers they read in one:
+    the conv per level, the per-anchor layout and the clamp (all that ``model.box_uncertainty`` adds to
+    the head; the towers are computed once for both layers)."""
+    box_head = model.head.regression_head
+    towers: list[torch.Tensor] = []
+    hook = box_head.bbox_log_var.register_forward_pre_hook(lambda _module, args: towers.append(args[0]))
+    try:
+        with torch.inference_mode():
+            model(images)
+    finally:
+        hook.remove()
+    layer = box_head.bbox_log_var
+    return lambda: clamp_log_var(torch.cat([per_anchor(layer(t), 4) for t in towers], 1), box_head.log_var_range)
+
+
 def repeat_times(calls: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, list[float]]:
     """Process CPU time of each call in every repeat, the calls back to back in an order that alternates
     repeat by repeat (so a difference of two calls within one repeat shares the machine's state)."""
@@ -147,19 +167,23 @@ def measure(case: Case, name: str, args: argparse.Namespace) -> str:
     count = sum(len(d["boxes"]) for d in out["plain"]) / case.batch
     full = repeat_times({k: partial(m, images) for k, m in models.items()}, args)
     parts = {k: captured(m, m, DETECTION_STEP[name], images) for k, m in models.items()}
-    if name != "faster_rcnn":  # its box head (and α layer) is inside _detect
+    dense = name != "faster_rcnn"  # Faster R-CNN's box head (and α layer) is inside _detect
+    if dense:
         parts |= {f"head {k}": captured(m, m.head, "forward", images) for k, m in models.items()}
+        if not args.stand_in_head:
+            parts["alpha"] = alpha_layers(models["bbox_std"], images)
     part = repeat_times(parts, args)
-    extra_head = paired(part, "head bbox_std", "head plain") if name != "faster_rcnn" else 0.0
+    extra_head = paired(part, "head bbox_std", "head plain") if dense else 0.0
+    alpha = statistics.median(part["alpha"]) if "alpha" in part else extra_head
     plain = statistics.median(full["plain"])
-    std_cost = (extra_head + paired(part, "bbox_std", "plain")) / plain
+    std_cost = (alpha + paired(part, "bbox_std", "plain")) / plain
     vote_cost = paired(part, "voting", "bbox_std") / plain
     full_ms = {k: statistics.median(v) * 1e3 for k, v in full.items()}
     part_ms = {k: statistics.median(v) * 1e3 for k, v in part.items()}
     return (
         f"| {name} | {case.name} | {count:.0f} | {plain * 1e3:.0f} | {full_ms['bbox_std']:.0f} "
         f"| {full_ms['voting']:.0f} | {part_ms['plain']:.1f} / {part_ms['bbox_std']:.1f} / "
-        f"{part_ms['voting']:.1f} | {extra_head * 1e3:+.1f} | {std_cost:+.1%} | {vote_cost:+.1%} |"
+        f"{part_ms['voting']:.1f} | {extra_head * 1e3:+.1f} | {alpha * 1e3:.1f} | {std_cost:+.1%} | {vote_cost:+.1%} |"
     )
 
 
@@ -179,8 +203,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.num_classes} classes, {args.repeats} repeats, "
           f"{head}")
     print("\n| detector | case | detections / image | plain ms | bbox_std ms | voting ms "
-          "| detection step ms (plain / bbox_std / voting) | α head ms | bbox_std cost | voting cost |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| detection step ms (plain / bbox_std / voting) | head Δ ms (paired) | α layers ms | bbox_std cost "
+          "| voting cost |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.detectors:
         for i in args.cases:
             print(measure(CASES[i], name, args), flush=True)

@@ -8,6 +8,7 @@ adds ``bbox_log_var`` against the plain post-processing and the rescaling to the
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torchvision.models.detection._utils import BoxLinearCoder
 
 from robustdet.config import Config, config_from_dict
 from robustdet.models import build_model
-from robustdet.models.box_std import delta_std, distance_std
+from robustdet.models.box_std import delta_std, distance_std, std_per_image
 
 CLIP = math.log(1000 / 16)
 
@@ -289,3 +290,20 @@ def test_predict_drawing_shows_sigma_bands() -> None:
     assert plain[0, row].nonzero().flatten().tolist() == [20, 21, 79, 80]
     assert {14, 26, 74, 86} <= set(drawn[0, row].nonzero().flatten().tolist())
     torch.testing.assert_close(relative_std(boxes, torch.full((1, 4), 6.0)), torch.tensor([0.1]))
+
+
+def test_std_per_image_equals_one_call_per_image():
+    """The batch's σ in one call: each image's rows are those of its own call, for the kept candidates
+    (an index) and for all of them (None, as voting needs), with images of different sizes, one empty."""
+    cases = [random_case(n, seed) for n, seed in ((7, 1), (0, 2), (12, 3))]
+    inputs = [[log_var.float(), deltas.float(), anchors.float()] for anchors, deltas, log_var in cases]
+    std = partial(delta_std, weights=(10.0, 10.0, 5.0, 5.0))
+    index = [torch.tensor([4, 0, 6]), torch.zeros(0, dtype=torch.long), None]
+    got = std_per_image(std, inputs, index)
+    assert [g.shape[0] for g in got] == [3, 0, 12]
+    for g, xs, ix in zip(got, inputs, index, strict=True):
+        want = std(*(x if ix is None else x[ix] for x in xs))
+        torch.testing.assert_close(g, want, rtol=1e-6, atol=0)
+    # one image: the per-image call itself (what an export's trace of one image records)
+    (alone,) = std_per_image(std, inputs[2:], [None])
+    assert torch.equal(alone, std(*inputs[2]))

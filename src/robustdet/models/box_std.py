@@ -58,14 +58,17 @@ def distance_std(log_var: Tensor, anchors: Tensor) -> Tensor:
     return size * (0.5 * log_var).exp()
 
 
-def std_of_candidates(std: Callable[..., Tensor], *inputs: Tensor) -> Callable[[Tensor | None], Tensor]:
-    """``index -> std(*(x[index] for x in inputs))`` (all candidates for None): σ computed only for the
-    candidates that need one (``voting.kept_detections``)."""
-
-    def std_of(index: Tensor | None) -> Tensor:
-        return std(*(x if index is None else x[index] for x in inputs))
-
-    return std_of
+def std_per_image(std: Callable[..., Tensor], inputs: list[list[Tensor]], index: list[Tensor | None]) -> list[Tensor]:
+    """σ [K_i, 4] of each image's candidates: ``std(*(x[index[i]] for x in inputs[i]))`` for every image i
+    (all its candidates for None), in one call of ``std`` over the batch. ``std`` is a dozen elementwise
+    ops per row, so one call a batch instead of one an image is most of what bbox_std saves at inference
+    (docs/benchmarks.md). One image, or a trace (export), keeps the call per image: a trace would freeze
+    the batch's split sizes."""
+    picked = [[x if ix is None else x[ix] for x in xs] for xs, ix in zip(inputs, index, strict=True)]
+    if len(picked) == 1 or torch.jit.is_tracing():
+        return [std(*xs) for xs in picked]
+    sizes = [xs[0].shape[0] for xs in picked]
+    return list(std(*(torch.cat(parts) for parts in zip(*picked, strict=True))).split(sizes))
 
 
 class DetectionTransform(GeneralizedRCNNTransform):
@@ -100,4 +103,4 @@ class DetectionTransform(GeneralizedRCNNTransform):
         )
 
 
-__all__ = ["DetectionTransform", "delta_std", "distance_std", "std_of_candidates"]
+__all__ = ["DetectionTransform", "delta_std", "distance_std", "std_per_image"]

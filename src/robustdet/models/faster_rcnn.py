@@ -59,7 +59,7 @@ from robustdet.losses import (
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, check_per_level, loss_dtype
-from robustdet.models.box_std import DetectionTransform, delta_std, std_of_candidates
+from robustdet.models.box_std import DetectionTransform, delta_std, std_per_image
 from robustdet.models.heads import box_predictor
 from robustdet.models.voting import kept_detections
 
@@ -351,12 +351,21 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
             image_sizes,
             strict=True,
         )
-        return [self._image_detections(*part) for part in parts]
+        images = [self._image_candidates(*part) for part in parts]
+        coder = self.roi_heads.box_coder
+        std = partial(delta_std, weights=coder.weights, clamp=coder.bbox_xform_clip)
+        voting = self.var_voting_sigma_t is not None
+        stds = std_per_image(std, [image[4] for image in images], [None if voting else image[3] for image in images])
+        return [
+            kept_detections(*image[:4], image_std, self.var_voting_sigma_t)
+            for image, image_std in zip(images, stds, strict=True)
+        ]
 
-    def _image_detections(
+    def _image_candidates(
         self, boxes: Tensor, scores: Tensor, log_var: Tensor, deltas: Tensor, rois: Tensor, size: tuple[int, int]
-    ) -> dict[str, Tensor]:
-        """One image's detections from its RoIs' per-class boxes [R, C+1, 4], scores [R, C+1], α and deltas
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+        """One image's candidates (boxes, scores, labels), the ones NMS keeps, and what their σ comes from
+        (α, deltas, RoIs), from its RoIs' per-class boxes [R, C+1, 4], scores [R, C+1], α and deltas
         [R, C+1, 4] and the RoIs [R, 4]."""
         heads = self.roi_heads
         # every class of every RoI its own candidate, background (column 0) left out; the candidates that
@@ -373,9 +382,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         inds = remove_small_boxes(boxes, min_size=1e-2)
         boxes, scores, labels, coded = boxes[inds], scores[inds], labels[inds], [x[inds] for x in coded]
         keep = batched_nms(boxes, scores, labels, heads.nms_thresh)[: heads.detections_per_img]
-        coder = heads.box_coder
-        std_of = std_of_candidates(partial(delta_std, weights=coder.weights, clamp=coder.bbox_xform_clip), *coded)
-        return kept_detections(boxes, scores, labels, keep, std_of, self.var_voting_sigma_t)
+        return boxes, scores, labels, keep, coded
 
     # --- losses --------------------------------------------------------------------------------
 

@@ -16,8 +16,6 @@ candidates before voting, as in Algorithm 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -83,23 +81,18 @@ def _vote(kept: Tensor, candidates: Tensor, valid: Tensor, is_self: Tensor, sigm
 
 
 def kept_detections(
-    boxes: Tensor,
-    scores: Tensor,
-    labels: Tensor,
-    keep: Tensor,
-    std_of: Callable[[Tensor | None], Tensor],
-    sigma_t: float | None,
+    boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, std: Tensor, sigma_t: float | None
 ) -> dict[str, Tensor]:
     """The detections ``keep`` selects from one image's candidates, with ``bbox_std``: boxes voted when
     ``sigma_t`` is given (``model.var_voting``), else as NMS kept them.
 
-    ``std_of(index)`` is σ [.., 4] of the candidates ``index`` selects (None: all), so that without voting
-    σ is computed for the kept boxes only. σ is the kept box's own, also when voted: its neighbours come
-    from the same features, so treating their σ as independent evidence would shrink it without reason.
+    ``std`` is σ [N, 4] of every candidate when voting, else σ [K, 4] of the kept ones only (what
+    ``box_std.std_per_image`` computes for ``index`` None or ``keep``). σ is the kept box's own, also when
+    voted: its neighbours come from the same features, so treating their σ as independent evidence would
+    shrink it without reason.
     """
     if sigma_t is None:
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep], "bbox_std": std_of(keep)}
-    std = std_of(None)
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep], "bbox_std": std}
     voted = variance_voting(boxes, labels, std, keep, sigma_t)
     return {"boxes": voted, "scores": scores[keep], "labels": labels[keep], "bbox_std": std[keep]}
 
