@@ -5,7 +5,7 @@
 # at each threshold; the cell trained on each cleaned.json, on the noisy labels (the control) and on the
 # clean ones (what the noise costs here).
 #   experiments/cleaning/select.sh [OUT]          KIND=drop (flip, jitter), THRESHOLDS="0.5 0.6 0.7 0.8 0.9"
-#   .venv/bin/python experiments/cleaning/summarize.py --select OUT/drop40_s100
+#   .venv/bin/python experiments/cleaning/summarize.py OUT/drop40_s100
 set -eu
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/cleaning-select}

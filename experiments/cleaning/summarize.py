@@ -11,6 +11,9 @@
   (the sweep's cells, same machine kind), and the recovery (AP_cleaned − AP_noisy) / (AP_clean − AP_noisy).
 
     .venv/bin/python experiments/cleaning/summarize.py /work/runs/clean/drop40_s0 [MORE ...]
+
+A loop folder's ``audit_t<T>/`` (run.sh with THRESHOLD=T: the same folds scored at --threshold T) gets a row
+of its own, trained in ``train_cleaned_t<T>/``.
 """
 
 from __future__ import annotations
@@ -59,13 +62,13 @@ def matched_drops(added: list[dict[str, Any]], dropped: list[dict[str, Any]]) ->
     return hits
 
 
-def fixes(loop: Path) -> dict[str, Any]:
-    audit = json.loads((loop / "audit" / "audit.json").read_text())
-    cfg = config_from_stored(audit["fingerprint"]["config"], str(loop / "audit" / "audit.json"))
+def fixes(loop: Path, audit_dir: Path) -> dict[str, Any]:
+    audit = json.loads((audit_dir / "audit.json").read_text())
+    cfg = config_from_stored(audit["fingerprint"]["config"], str(audit_dir / "audit.json"))
     clean = by_id(load_synthetic(cfg.data.synthetic, "train")[0])
     noisy = by_id(json.loads((loop / "noisy.json").read_text()))
-    cleaned = by_id(json.loads((loop / "audit" / "cleaned.json").read_text()))
-    report = json.loads((loop / "audit" / "label_noise.json").read_text())
+    cleaned = by_id(json.loads((audit_dir / "cleaned.json").read_text()))
+    report = json.loads((audit_dir / "label_noise.json").read_text())
     flipped, spurious = set(report["changed"].get("class_flip", [])), set(report.get("added", []))
     relabeled = [i for i in noisy.keys() & cleaned.keys() if noisy[i]["category_id"] != cleaned[i]["category_id"]]
     removed = [i for i in noisy if i not in cleaned]
@@ -77,14 +80,19 @@ def fixes(loop: Path) -> dict[str, Any]:
                                for i in relabeled),
         "spurious": len(spurious), "removed": len(removed), "removed_right": sum(i in spurious for i in removed),
         "dropped": len(dropped), "added": len(added), "added_right": matched_drops(added, dropped),
-        "seed": cfg.seed, "noise": loop.name.split("_s")[0],
+        "seed": cfg.seed, "noise": loop.name.split("_s")[0], "threshold": audit.get("threshold", 0.5),
     }
 
 
-def baseline_ap(noise: str, seed: int) -> tuple[float, float]:
+def baseline_ap(loop: Path, noise: str, seed: int) -> tuple[float, float]:
+    """The baseline's AP on clean and on noisy labels: the sweep's cells of that seed in
+    experiments/robust/summary.csv, or for a seed the sweep has not (select.sh: 100) the loop's own
+    ``train_noisy`` and ``clean_s<seed>`` beside the loop folder."""
     with SUMMARY.open(newline="") as f:
         rows = {(r["method"], r["noise"], int(r["seed"])): r for r in csv.DictReader(f) if r["status"] == "done"}
-    return float(rows[("baseline", "clean", seed)]["AP"]), float(rows[("baseline", noise, seed)]["AP"])
+    if ("baseline", noise, seed) in rows:
+        return float(rows[("baseline", "clean", seed)]["AP"]), float(rows[("baseline", noise, seed)]["AP"])
+    return final_ap(loop.parent / f"clean_s{seed}"), final_ap(loop / "train_noisy")
 
 
 def final_ap(run: Path) -> float:
@@ -96,18 +104,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("loops", nargs="+", type=Path)
     args = parser.parse_args()
-    print("| noise | seed | relabeled (right / flipped) | removed (right / spurious) | added (right / dropped) "
-          "| AP clean labels | AP noisy (sweep) | AP noisy json | AP cleaned.json | recovery |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| noise | seed | threshold | relabeled (right / flipped) | removed (right / spurious) | added (right / "
+          "dropped) | AP clean labels | AP noisy (sweep) | AP noisy json | AP cleaned.json | recovery |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for loop in args.loops:
-        f = fixes(loop)
-        ap_clean, ap_noisy = baseline_ap(f["noise"], f["seed"])
-        ap_json, ap_cleaned = final_ap(loop / "train_noisy"), final_ap(loop / "train_cleaned")
-        recovery = (ap_cleaned - ap_noisy) / (ap_clean - ap_noisy)
-        print(f"| {f['noise']} | {f['seed']} | {f['relabeled']} ({f['relabeled_right']} / {f['flipped']}) "
-              f"| {f['removed']} ({f['removed_right']} / {f['spurious']}) | {f['added']} ({f['added_right']} / "
-              f"{f['dropped']}) | {ap_clean:.2f} | {ap_noisy:.2f} | {ap_json:.2f} | {ap_cleaned:.2f} "
-              f"| {recovery:+.1%} |")
+        for audit_dir in [loop / "audit", *sorted(loop.glob("audit_t*/"))]:
+            if not (audit_dir / "cleaned.json").is_file():
+                continue
+            f = fixes(loop, audit_dir)
+            ap_clean, ap_noisy = baseline_ap(loop, f["noise"], f["seed"])
+            train = loop / ("train_cleaned" + audit_dir.name.removeprefix("audit"))
+            ap_json, ap_cleaned = final_ap(loop / "train_noisy"), final_ap(train)
+            recovery = (ap_cleaned - ap_noisy) / (ap_clean - ap_noisy)
+            print(f"| {f['noise']} | {f['seed']} | {f['threshold']} | {f['relabeled']} ({f['relabeled_right']} / "
+                  f"{f['flipped']}) | {f['removed']} ({f['removed_right']} / {f['spurious']}) | {f['added']} "
+                  f"({f['added_right']} / {f['dropped']}) | {ap_clean:.2f} | {ap_noisy:.2f} | {ap_json:.2f} "
+                  f"| {ap_cleaned:.2f} | {recovery:+.1%} |")
 
 
 if __name__ == "__main__":
