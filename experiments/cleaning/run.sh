@@ -8,7 +8,8 @@
 #   .venv/bin/python experiments/cleaning/summarize.py runs/cleaning/drop40_s0
 # KEY=VALUE after OUT go to every audit and train command (select.sh: another dataset). THRESHOLD=T scores
 # the finished audit's folds again at --threshold T (DIR/audit_tT, the folds hard-linked, not retrained) and
-# trains on that cleaned.json (DIR/train_cleaned_tT). CONTROL=0 trains on cleaned.json only. Rerunning the same command resumes it (the audit resumes its folds; a finished training is skipped).
+# trains on that cleaned.json (DIR/train_cleaned_tT). AUDIT_ITER=N trains the fold models N iterations (the
+# cell trained on cleaned.json keeps its 1,000). CONTROL=0 trains on cleaned.json only. Rerunning the same command resumes it (the audit resumes its folds; a finished training is skipped).
 set -eu
 KIND=$1; PCT=$2; SEED=$3; OUT=${4:-runs/cleaning}; shift $(( $# < 4 ? $# : 4 ))
 cd "$(dirname "$0")/../.."
@@ -21,7 +22,7 @@ case $KIND in flip) KEY=class_flip ;; jitter) KEY=box_jitter ;; drop) KEY=drop ;
 CELL=(data.synthetic.image_size=96 data.synthetic.num_classes=3 model.min_size=96 model.max_size=96
       train.max_iter=1000 loss.bayesian=false weighting.name=equal loss.cls_method=focal seed="$SEED" "$@")
 AUDIT_ARGS=(configs/default.yaml "${CELL[@]}" eval.period=0 checkpoint.period=0 "data.train.label_noise.$KEY=$RATE"
-            --folds 2)
+            ${AUDIT_ITER:+train.max_iter=$AUDIT_ITER} --folds 2)
 [ -f "$D/audit/cleaned.json" ] || $R audit "${AUDIT_ARGS[@]}" --out "$D/audit"
 A=$D/audit; TAG=
 if [ -n "${THRESHOLD:-}" ]; then
