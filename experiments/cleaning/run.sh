@@ -44,7 +44,8 @@ PY
 # CONTROL=0 skips the noisy-json control (it gave the sweep's AP to every digit on drop40 seed 0)
 for J in cleaned $([ "${CONTROL:-1}" = 0 ] || echo noisy); do
     P=$([ $J = cleaned ] && echo "$A/cleaned.json" || echo "$D/noisy.json")
-    T=$D/train_$J$([ $J = cleaned ] && echo "$TAG")
+    T=$D/train_$J
+    if [ $J = cleaned ]; then T=$T$TAG; fi   # (an assignment from a failing $(...) would end the script: set -e)
     [ -f "$T/metrics.json" ] || $R train configs/default.yaml "${CELL[@]}" eval.period=250 \
         checkpoint.period=250 "data.train={format: coco, path: $P, image_root: $ROOT}" --out "$T" --resume
 done
