@@ -115,6 +115,22 @@ def test_an_unfinished_audit_resumes_where_it_stopped(audited: dict) -> None:
     assert (out / "annotations.csv").read_text() == (audited["out"] / "annotations.csv").read_text()
 
 
+def test_an_audit_from_before_a_switched_off_default_changed_is_scored_again_without_training(audited: dict) -> None:
+    """loss.box_uncertainty_form's default changed (kl -> isolated) after audits had been run; with
+    model.box_uncertainty off it changes no detection, so --overwrite keeps the folds (found rescoring the
+    drop40 audits of stop 24 at another --threshold)."""
+    out = audited["base"] / "old_default"
+    shutil.copytree(audited["out"], out)
+    manifest = json.loads((out / "audit.json").read_text())
+    manifest["fingerprint"]["config"]["loss"]["box_uncertainty_form"] = "kl"
+    (out / "audit.json").write_text(json.dumps(manifest))
+    stamp = (out / "fold_0" / "predictions.npz").stat().st_mtime_ns
+    argv = ["audit", CONFIG, *audited["overrides"], "--out", str(out), "--folds", "2", "--overwrite"]
+    assert main([*argv, "--threshold", "0.9"]) == 0
+    assert (out / "fold_0" / "predictions.npz").stat().st_mtime_ns == stamp  # not trained again
+    assert json.loads((out / "audit.json").read_text())["threshold"] == 0.9
+
+
 def test_another_audits_folder_or_a_foreign_one_is_refused(audited: dict, capsys: pytest.CaptureFixture[str]) -> None:
     out = audited["base"] / "other"
     shutil.copytree(audited["out"], out)

@@ -22,7 +22,7 @@ from robustdet.audit.folds import Predictions, load_for_audit, predict_images, t
 from robustdet.audit.outputs import FIXES, score_split, summary_text, write_outputs
 from robustdet.audit.page import write_page
 from robustdet.audit.split import AuditSplit, assign_folds, load_split
-from robustdet.config import Config, load_config
+from robustdet.config import Config, flatten, load_config, unread_keys
 from robustdet.data.noise import write_noise_report
 from robustdet.engine.inference import LoadedModel
 from robustdet.errors import CheckpointError, ConfigError
@@ -76,6 +76,17 @@ def fingerprint(cfg: Config, opts: AuditOptions) -> dict[str, Any]:
             "weights": weights}  # fmt: skip
 
 
+def _comparable(stamp: Any) -> Any:
+    """A fingerprint without the config settings of a switch that is off (``config.SWITCHED_KEYS``): a
+    changed default of theirs leaves the detections as they were, so an audit from before it still resumes
+    and is scored again without training its folds anew."""
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("config"), dict):
+        return stamp
+    flat = flatten(stamp["config"])
+    unread = set(unread_keys(flat))
+    return {**stamp, "config": {k: v for k, v in flat.items() if k not in unread}}
+
+
 def prepare_dir(out: Path, stamp: dict[str, Any], overwrite: bool) -> None:
     """Refuse, resume or (``--overwrite``) clear the audit folder; then record the audit in audit.json."""
     manifest = out / MANIFEST
@@ -89,7 +100,7 @@ def prepare_dir(out: Path, stamp: dict[str, Any], overwrite: bool) -> None:
             old = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{manifest}: unreadable ({exc}); remove the folder or give another --out") from None
-        same = old.get("fingerprint") == stamp
+        same = _comparable(old.get("fingerprint")) == _comparable(stamp)
         if not overwrite and old.get("finished"):
             raise ConfigError(f"--out {out}: holds a finished audit ({manifest}); --overwrite to write it again")
         if not overwrite and not same:
