@@ -212,18 +212,20 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def unread_keys(flat: dict[str, Any]) -> list[str]:
-    """The keys of a flattened config that belong to a switch that is off (SWITCHED_KEYS)."""
-    return [k for switch, keys in SWITCHED_KEYS.items() if not flat.get(switch) for k in keys]
+def read_settings(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config (as a dict) flattened, without the keys of a switch that is off (SWITCHED_KEYS): two configs
+    with equal read settings build the same thing."""
+    flat = flatten(tree)
+    unread = {k for switch, keys in SWITCHED_KEYS.items() if not flat.get(switch) for k in keys}
+    return {k: v for k, v in flat.items() if k not in unread}
 
 
 def trains_alike(a: Config, b: Config) -> bool:
     """``a`` and ``b`` build the same model and loss: equal ``model`` and ``loss`` sections, up to the
     settings of a switch that is off."""
-    flat_a, flat_b = (flatten({"model": c.model.model_dump(mode="json"), "loss": c.loss.model_dump(mode="json")})
-                      for c in (a, b))  # fmt: skip
-    unread = set(unread_keys(flat_a)) | set(unread_keys(flat_b))
-    return {k: v for k, v in flat_a.items() if k not in unread} == {k: v for k, v in flat_b.items() if k not in unread}
+    a_set, b_set = (read_settings({"model": c.model.model_dump(mode="json"), "loss": c.loss.model_dump(mode="json")})
+                    for c in (a, b))  # fmt: skip
+    return a_set == b_set
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -422,7 +424,7 @@ __all__ = [
     "flatten",
     "load_config",
     "parse_overrides",
+    "read_settings",
     "trains_alike",
-    "unread_keys",
 ]
 

@@ -22,7 +22,7 @@ from robustdet.audit.folds import Predictions, load_for_audit, predict_images, t
 from robustdet.audit.outputs import FIXES, score_split, summary_text, write_outputs
 from robustdet.audit.page import write_page
 from robustdet.audit.split import AuditSplit, assign_folds, load_split
-from robustdet.config import Config, flatten, load_config, unread_keys
+from robustdet.config import Config, load_config, read_settings
 from robustdet.data.noise import write_noise_report
 from robustdet.engine.inference import LoadedModel
 from robustdet.errors import CheckpointError, ConfigError
@@ -82,9 +82,7 @@ def _comparable(stamp: Any) -> Any:
     and is scored again without training its folds anew."""
     if not isinstance(stamp, dict) or not isinstance(stamp.get("config"), dict):
         return stamp
-    flat = flatten(stamp["config"])
-    unread = set(unread_keys(flat))
-    return {**stamp, "config": {k: v for k, v in flat.items() if k not in unread}}
+    return {**stamp, "config": read_settings(stamp["config"])}
 
 
 def prepare_dir(out: Path, stamp: dict[str, Any], overwrite: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from robustdet.config import SWITCHED_KEYS, flatten, unread_keys
+from robustdet.config import SWITCHED_KEYS, flatten, read_settings
 
 # Settings that cannot change what a run learns or scores (data order does not depend on the worker count,
 # evaluation saves and restores the random streams, docs/robustness.md): runs that differ only here are
@@ -33,9 +33,7 @@ def matches(key: str, patterns: Iterable[str]) -> bool:
 def result_config(config: dict[str, Any]) -> dict[str, Any]:
     """The flattened config without ``seed``, the settings in IGNORED_KEYS and those of a switch that is off
     (SWITCHED_KEYS)."""
-    flat = flatten(config)
-    unread = unread_keys(flat)
-    return {k: v for k, v in flat.items() if k != "seed" and not matches(k, IGNORED_KEYS) and k not in unread}
+    return {k: v for k, v in read_settings(config).items() if k != "seed" and not matches(k, IGNORED_KEYS)}
 
 
 def yaml_inline(value: Any) -> str:
