@@ -37,9 +37,8 @@ from robustdet.losses.box import box_loss_row
 from robustdet.losses.box_uncertainty import uncertain_box_loss
 from robustdet.losses.noisy_labels import bootstrap_targets, gce_focal_loss, recalibrate_background, smooth_labels
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, level_sums, loss_dtype, normalise
-from robustdet.models.box_std import std_per_image
 from robustdet.models.matching import BETWEEN_THRESHOLDS
-from robustdet.models.voting import kept_detections
+from robustdet.models.voting import ImageCandidates, batch_detections
 
 # 2**16 float32 elements = 256 KiB: fits an L2 cache; 2**15-2**17 measured alike on a Xeon, 2**20 slower
 CPU_CHUNK_ELEMENTS = 1 << 16
@@ -243,22 +242,16 @@ class DenseDetector(Detector):
         """
         if "bbox_log_var" not in head_outputs:
             return super().postprocess_detections(head_outputs, anchors, image_shapes)  # type: ignore[misc]
-        candidates, keeps, coded = [], [], []
+        images = []
         for index, image_shape in enumerate(image_shapes):
             per_level = [
                 self._level_candidates({k: v[lv][index] for k, v in head_outputs.items()}, lv_anchors, image_shape)
                 for lv, lv_anchors in enumerate(anchors[index])
             ]
-            boxes, scores, labels, *image_coded = (torch.cat(part) for part in zip(*per_level, strict=True))
-            candidates.append((boxes, scores, labels))
-            keeps.append(batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img])
-            coded.append(image_coded)
-        voting = self.var_voting_sigma_t is not None
-        stds = std_per_image(self.candidate_std, coded, [None if voting else keep for keep in keeps])
-        return [
-            kept_detections(*image, keep, std, self.var_voting_sigma_t)
-            for image, keep, std in zip(candidates, keeps, stds, strict=True)
-        ]
+            boxes, scores, labels, *coded = (torch.cat(part) for part in zip(*per_level, strict=True))
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            images.append(ImageCandidates(boxes, scores, labels, keep, coded))
+        return batch_detections(images, self.candidate_std, self.var_voting_sigma_t)
 
     def _level_candidates(
         self, level: dict[str, Tensor], anchors: Tensor, image_shape: tuple[int, int]

@@ -59,9 +59,9 @@ from robustdet.losses import (
 from robustdet.models.anchors import build_anchor_generator
 from robustdet.models.backbones import PYRAMIDS, build_backbone, level_names
 from robustdet.models.base import Detector, DetectorLosses, ModelSection, check_per_level, loss_dtype
-from robustdet.models.box_std import DetectionTransform, delta_std, std_per_image
+from robustdet.models.box_std import DetectionTransform, delta_std
 from robustdet.models.heads import box_predictor
-from robustdet.models.voting import kept_detections
+from robustdet.models.voting import ImageCandidates, batch_detections
 
 # torchvision's FasterRCNN: 7x7 RoIAlign with 2 samples per bin from P2-P5, a 1024-wide box head
 ROI_FEATURE_MAPS = ["0", "1", "2", "3"]
@@ -351,19 +351,13 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
             image_sizes,
             strict=True,
         )
-        images = [self._image_candidates(*part) for part in parts]
         coder = self.roi_heads.box_coder
         std = partial(delta_std, weights=coder.weights, clamp=coder.bbox_xform_clip)
-        voting = self.var_voting_sigma_t is not None
-        stds = std_per_image(std, [image[4] for image in images], [None if voting else image[3] for image in images])
-        return [
-            kept_detections(*image[:4], image_std, self.var_voting_sigma_t)
-            for image, image_std in zip(images, stds, strict=True)
-        ]
+        return batch_detections([self._image_candidates(*part) for part in parts], std, self.var_voting_sigma_t)
 
     def _image_candidates(
         self, boxes: Tensor, scores: Tensor, log_var: Tensor, deltas: Tensor, rois: Tensor, size: tuple[int, int]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    ) -> ImageCandidates:
         """One image's candidates (boxes, scores, labels), the ones NMS keeps, and what their σ comes from
         (α, deltas, RoIs), from its RoIs' per-class boxes [R, C+1, 4], scores [R, C+1], α and deltas
         [R, C+1, 4] and the RoIs [R, 4]."""
@@ -382,7 +376,7 @@ class PerLevelFasterRCNN(Detector, FasterRCNN):
         inds = remove_small_boxes(boxes, min_size=1e-2)
         boxes, scores, labels, coded = boxes[inds], scores[inds], labels[inds], [x[inds] for x in coded]
         keep = batched_nms(boxes, scores, labels, heads.nms_thresh)[: heads.detections_per_img]
-        return boxes, scores, labels, keep, coded
+        return ImageCandidates(boxes, scores, labels, keep, coded)
 
     # --- losses --------------------------------------------------------------------------------
 

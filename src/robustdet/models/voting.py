@@ -16,8 +16,13 @@ candidates before voting, as in Algorithm 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+
+from robustdet.models.box_std import std_per_image
 
 # The paper's σ_t for COCO (section 4, var voting; the official code's STD.IOU_SIGMA default is 0.01)
 DEFAULT_SIGMA_T = 0.02
@@ -97,4 +102,30 @@ def kept_detections(
     return {"boxes": voted, "scores": scores[keep], "labels": labels[keep], "bbox_std": std[keep]}
 
 
-__all__ = ["DEFAULT_SIGMA_T", "class_groups", "kept_detections", "variance_voting"]
+class ImageCandidates(NamedTuple):
+    """One image's candidates before NMS, the ones NMS keeps, and what their σ is computed from (the
+    inputs of the detector's σ function, row-aligned with the candidates)."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    keep: Tensor
+    coded: list[Tensor]
+
+
+def batch_detections(
+    images: list[ImageCandidates], std: Callable[..., Tensor], sigma_t: float | None
+) -> list[dict[str, Tensor]]:
+    """Every image's detections (:func:`kept_detections`), σ computed in one call over the batch: of the
+    kept candidates, or of all of them when voting (``sigma_t``) needs their σ."""
+    index = [None if sigma_t is not None else image.keep for image in images]
+    stds = std_per_image(std, [image.coded for image in images], index)
+    return [
+        kept_detections(image.boxes, image.scores, image.labels, image.keep, image_std, sigma_t)
+        for image, image_std in zip(images, stds, strict=True)
+    ]
+
+
+__all__ = [
+    "DEFAULT_SIGMA_T", "ImageCandidates", "batch_detections", "class_groups", "kept_detections", "variance_voting",
+]
