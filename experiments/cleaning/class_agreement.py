@@ -19,9 +19,10 @@ from torchvision.ops import box_iou
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from bench_audit import auroc, load_audit, truth
 from robustdet.audit.outputs import score_split
+from robustdet.audit.scores import Annotations, Detections
 
 
-def best_per_class(anns: object, dets: object, num_classes: int) -> np.ndarray:
+def best_per_class(anns: Annotations, dets: Detections, num_classes: int) -> np.ndarray:
     """[N, C]: per annotation the highest score of each class's detections at IoU >= 0.5 (0: none)."""
     best = np.zeros((len(anns.ids), num_classes))
     for image in np.unique(anns.image):

@@ -25,7 +25,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from scipy import stats
 from torchvision.ops import box_convert, box_iou
 
 from robustdet.config import config_from_stored
@@ -80,8 +82,15 @@ def fixes(loop: Path, audit_dir: Path) -> dict[str, Any]:
                                for i in relabeled),
         "spurious": len(spurious), "removed": len(removed), "removed_right": sum(i in spurious for i in removed),
         "dropped": len(dropped), "added": len(added), "added_right": matched_drops(added, dropped),
-        "seed": cfg.seed, "noise": loop.name.split("_s")[0], "threshold": audit.get("threshold", 0.5),
+        "seed": cfg.seed, "data": cfg.data.synthetic.seed, "noise": _noise(loop),
+        "threshold": audit.get("threshold", 0.5),
     }
+
+
+def _noise(loop: Path) -> str:
+    """The sweep's noise label of a loop folder (``drop40_s0`` -> drop40; 0 % of any kind -> clean)."""
+    name = loop.name.split("_s")[0]
+    return "clean" if name.rstrip("0123456789") + "0" == name else name
 
 
 def baseline_ap(loop: Path, noise: str, seed: int) -> tuple[float, float]:
@@ -107,6 +116,7 @@ def main() -> None:
     print("| noise | seed | threshold | relabeled (right / flipped) | removed (right / spurious) | added (right / "
           "dropped) | AP clean labels | AP noisy (sweep) | AP noisy json | AP cleaned.json | recovery |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    paired: dict[tuple[int, str, float], dict[int, tuple[float, float, float]]] = defaultdict(dict)
     for loop in args.loops:
         for audit_dir in [loop / "audit", *sorted(loop.glob("audit_t*/"))]:
             if not (audit_dir / "cleaned.json").is_file():
@@ -115,11 +125,44 @@ def main() -> None:
             ap_clean, ap_noisy = baseline_ap(loop, f["noise"], f["seed"])
             train = loop / ("train_cleaned" + audit_dir.name.removeprefix("audit"))
             ap_json, ap_cleaned = final_ap(loop / "train_noisy"), final_ap(train)
-            recovery = (ap_cleaned - ap_noisy) / (ap_clean - ap_noisy)
+            recovery = (ap_cleaned - ap_noisy) / (ap_clean - ap_noisy) if ap_clean != ap_noisy else float("nan")
+            paired[(f["data"], f["noise"], f["threshold"])][f["seed"]] = (ap_clean, ap_noisy, ap_cleaned)
             print(f"| {f['noise']} | {f['seed']} | {f['threshold']} | {f['relabeled']} ({f['relabeled_right']} / "
                   f"{f['flipped']}) | {f['removed']} ({f['removed_right']} / {f['spurious']}) | {f['added']} "
                   f"({f['added_right']} / {f['dropped']}) | {ap_clean:.2f} | {ap_noisy:.2f} | {ap_json:.2f} "
                   f"| {ap_cleaned:.2f} | {recovery:+.1%} |")
+    print_paired(paired)
+
+
+def _interval(x: np.ndarray) -> tuple[float, float, float]:
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
+def print_paired(paired: dict[tuple[int, str, float], dict[int, tuple[float, float, float]]]) -> None:
+    """Per dataset (data.synthetic.seed: select.sh's 100 is kept apart), noise and threshold over its seeds
+    (2 or more): AP cleaned − AP noisy (on clean labels: − AP clean),
+    its paired 95 % t interval, that over the mean loss (the recovery), and the paired difference to the
+    default threshold 0.5 on the seeds both have."""
+    print("\n| dataset | noise | threshold | seeds | AP cleaned − noisy [95 % t] | recovery [95 %] "
+          "| − threshold 0.5, paired |")
+    print("|---|---|---|---|---|---|---|")
+    for (data, noise, threshold), by_seed in sorted(paired.items()):
+        seeds = sorted(s for s, v in by_seed.items() if not np.isnan(v).any())
+        if len(seeds) < 2:
+            continue
+        clean, noisy, cleaned = (np.array([by_seed[s][i] for s in seeds]) for i in range(3))
+        m, lo, hi = _interval(cleaned - noisy)
+        loss = float((clean - noisy).mean())
+        rec = f"{m / loss:+.1%} [{lo / loss:+.1%}, {hi / loss:+.1%}]" if loss else "–"
+        default = paired.get((data, noise, 0.5), {})
+        both = [s for s in seeds if s in default and threshold != 0.5 and not np.isnan(default[s]).any()]
+        vs = "–"
+        if len(both) >= 2:
+            d = np.array([by_seed[s][2] - default[s][2] for s in both])
+            vs = "{:+.2f} [{:+.2f}, {:+.2f}]".format(*_interval(d))
+        seed_list = ",".join(map(str, seeds))
+        print(f"| {data} | {noise} | {threshold} | {seed_list} | {m:+.2f} [{lo:+.2f}, {hi:+.2f}] | {rec} | {vs} |")
 
 
 if __name__ == "__main__":
