@@ -66,7 +66,6 @@ def test_resume_from_previous_checkpoint_is_bitwise_exact(trained_run):
     assert strip == [{k: v for k, v in json.loads(x).items() if k != "time"} for x in log_b]
 
 
-
 def test_resume_ignores_the_settings_of_a_switch_that_is_off(trained_run, capsys):
     """A checkpoint written before a default of loss.box_uncertainty_* changed resumes when
     model.box_uncertainty is off (found on a sweep cell of stop 24); any other model/loss change is refused."""
@@ -88,6 +87,7 @@ def test_resume_ignores_the_settings_of_a_switch_that_is_off(trained_run, capsys
             assert all(torch.equal(v, b[k]) for k, v in a.items())
         else:
             assert "model/loss config of" in capsys.readouterr().err
+
 
 def test_eval_predict_report_compare(trained_run, tmp_path, capsys):
     tmp, run = trained_run
